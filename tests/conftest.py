@@ -1,0 +1,62 @@
+"""Shared fixtures: real CoinRun frames collected once per test session, a real OpenCV-written video, and a helper
+that runs the project's scripts as the user would (a subprocess, exit code and stderr checked)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run(*args, cwd=ROOT, timeout=300):
+    """Run `python SCRIPT ARGS...` from the repo root; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(result, message):
+    """A user mistake: exit code 2, no traceback, and the last stderr line names the problem."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "error:" in last and message in last, last
+
+
+@pytest.fixture(scope="session")
+def coinrun(tmp_path_factory):
+    """600 real CoinRun frames (4 envs x 150 steps) with true actions, episode starts and levels."""
+    out = tmp_path_factory.mktemp("data") / "coinrun"
+    result = run("download.py", "procgen:coinrun", "--frames", 600, "--num_envs", 4, "--seed", 1, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def write_video(path, frames, fps, size=(320, 180)):
+    """Write uint8 RGB frames as an mp4v video with OpenCV, resized (nearest) to `size` = (W, H)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    for frame in frames:
+        writer.write(cv2.cvtColor(cv2.resize(frame, size, interpolation=cv2.INTER_NEAREST), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def read_video(path):
+    """All frames of a video as uint8 RGB (N, H, W, 3)."""
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return np.stack(frames)
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+
+
+@pytest.fixture(scope="session")
+def coinrun_video(coinrun, tmp_path_factory):
+    """2.5 s of CoinRun gameplay (75 frames at 30 fps) rendered at 320x180 into a real mp4 file."""
+    from dataset import FrameStore
+    frames = np.array(FrameStore(coinrun).frames[:75])
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames, 30)

@@ -1,0 +1,71 @@
+"""The game collectors and the window datasets, on real procgen and ALE frames."""
+import numpy as np
+import torch
+
+from conftest import run
+from dataset import FrameStore, WindowDataset, describe, split_episodes
+
+
+def run_lengths(actions):
+    changes = np.flatnonzero(np.diff(actions)) + 1
+    return np.diff(np.concatenate([[0], changes, [len(actions)]]))
+
+
+def test_coinrun_store_holds_frames_actions_episodes_levels(coinrun):
+    store = FrameStore(coinrun)
+    assert store.frames.shape == (600, 64, 64, 3) and store.frames.dtype == np.uint8
+    assert store.frames.std() > 10  # real images, not a blank buffer
+    actions = np.asarray(store.actions)
+    assert actions.shape == (600,) and actions.dtype == np.int64
+    assert actions.min() >= 0 and actions.max() < store.meta["num_actions"] == 15
+    assert len(np.unique(actions)) >= 6, "the behaviour policy should use many actions"
+    # Held actions: within each env's block, runs of one action last several steps on average.
+    assert run_lengths(actions).mean() >= 3
+    # Each env's block of 150 frames starts an episode, and a level is recorded per episode.
+    assert {0, 150, 300, 450} <= set(store.episode_starts)
+    assert len(store.levels) == len(store.episode_starts)
+    assert "actions     15 kinds" in describe(store)
+
+
+def test_windows_never_cross_an_episode_and_carry_aligned_actions(coinrun):
+    store = FrameStore(coinrun)
+    dataset = WindowDataset(store, seq_len=8, split="all")
+    starts = np.array(store.episode_starts)
+    for s in dataset.starts:
+        assert not np.any((starts > s) & (starts < s + 8)), f"window at {s} crosses an episode start"
+    item = dataset[len(dataset) // 2]
+    s = dataset.starts[len(dataset) // 2]
+    assert item["frames"].shape == (8, 3, 64, 64) and item["frames"].dtype == torch.float32
+    assert item["frames"].min() >= -1 and item["frames"].max() <= 1
+    back = ((item["frames"] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(back, store.frames[s:s + 8])
+    assert torch.equal(item["actions"], torch.from_numpy(np.array(store.actions[s:s + 8])))
+    # Every possible window is there: one per position with 7 frames of its episode after it.
+    assert len(dataset) == sum(max(0, e - b - 7) for b, e in store.episodes())
+
+
+def test_held_out_split_is_by_level(coinrun):
+    store = FrameStore(coinrun)
+    level_of = dict(zip(store.episode_starts, store.levels))
+    train = {level_of[s] for s, _ in split_episodes(store, "train", 0.5)}
+    val = {level_of[s] for s, _ in split_episodes(store, "val", 0.5)}
+    assert train and val and not train & val
+    assert len(split_episodes(store, "train", 0.5)) + len(split_episodes(store, "val", 0.5)) == len(store.episodes())
+
+
+def test_windows_load_in_dataloader_workers(coinrun):
+    dataset = WindowDataset(coinrun, seq_len=4, split="all")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=True, num_workers=2)
+    batch = next(iter(loader))
+    assert batch["frames"].shape == (5, 4, 3, 64, 64) and batch["actions"].shape == (5, 4)
+
+
+def test_ale_breakout_collects_frames_and_actions(tmp_path):
+    out = tmp_path / "breakout"
+    result = run("download.py", "ale:breakout", "--frames", 400, "--num_envs", 2, "--out", out)
+    assert result.returncode == 0, result.stderr
+    store = FrameStore(out)
+    assert store.frames.shape == (400, 210, 160, 3)
+    assert store.meta["action_names"] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
+    assert len(np.unique(store.actions)) >= 3 and run_lengths(np.asarray(store.actions)).mean() >= 3
+    assert store.frames[:, 100:].std() > 0  # the game moved
