@@ -16,6 +16,7 @@ Windows come out as (T, C, H, W) float tensors in [-1, 1]: for Celeste footage C
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -94,6 +95,23 @@ def check_meta(path, meta):
         raise UserError(f"{path}: episode_starts must ascend from 0 and stay below count={count}")
     if levels is not None and len(levels) != len(starts):
         raise UserError(f"{path}: {len(levels)} levels for {len(starts)} episodes")
+
+
+class FrameWriter:
+    """Writes the frames of a store being built, at any position: positioned writes, not a memory map, so the
+    collector's RAM stays flat however many frames it writes."""
+
+    def __init__(self, folder, count, height, width):
+        self.frame_bytes = height * width * 3
+        self.file = open(Path(folder) / FRAMES, "wb")
+        self.file.truncate(count * self.frame_bytes)
+
+    def write(self, positions, frames):  # positions (N,), frames (N, H, W, 3) uint8
+        for position, frame in zip(positions, frames):
+            os.pwrite(self.file.fileno(), np.ascontiguousarray(frame).data, int(position) * self.frame_bytes)
+
+    def close(self):
+        self.file.close()
 
 
 def write_meta(folder, **meta):

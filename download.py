@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from dataset import ACTIONS, FRAMES, FrameStore, describe, write_meta
+from dataset import ACTIONS, FrameStore, FrameWriter, describe, write_meta
 from utils import UserError, atomic_dir, parse_size, positive, run_cli
 
 
@@ -83,7 +83,7 @@ def collect_procgen(game, out, frames, num_envs, start_level, num_levels, distri
     position = np.arange(num_envs) * steps  # where env j writes its frame of step 0
     levels = {}  # first frame of an episode -> its level
     with atomic_dir(out) as tmp:
-        store = np.memmap(tmp / FRAMES, np.uint8, "w+", shape=(frames, height, width, 3))
+        store = FrameWriter(tmp, frames, height, width)
         actions = np.zeros(frames, np.int64)
         for step in tqdm(range(steps), unit="step", unit_scale=num_envs, desc=f"collect procgen:{game}"):
             _, obs, first = env.observe()
@@ -99,10 +99,10 @@ def collect_procgen(game, out, frames, num_envs, start_level, num_levels, distri
                 for j in np.flatnonzero(starts):
                     levels[int(position[j] + step)] = int(info[j]["level_seed"])
             action = policy()
-            store[position[keep] + step] = rgb[keep]
+            store.write(position[keep] + step, rgb[keep])
             actions[position[keep] + step] = action[keep]
             env.act(action.astype(np.int32))
-        store.flush()
+        store.close()
         np.save(tmp / ACTIONS, actions)
         episode_starts = sorted(levels)
         write_meta(tmp, source=f"procgen:{game}", fps=15.0, height=height, width=width, count=frames,
@@ -134,18 +134,18 @@ def collect_ale(game, out, frames, num_envs, seed, size, max_hold):
     # Autoreset on the next step: the frame returned with done=True is the episode's last; the one after starts anew.
     done_before = np.ones(num_envs, bool)
     with atomic_dir(out) as tmp:
-        store = np.memmap(tmp / FRAMES, np.uint8, "w+", shape=(frames, height, width, 3))
+        store = FrameWriter(tmp, frames, height, width)
         actions = np.zeros(frames, np.int64)
         for step in tqdm(range(steps), unit="step", unit_scale=num_envs, desc=f"collect ale:{game}"):
             keep = position + step < frames
             episode_starts.update((position[done_before & keep] + step).tolist())
             action = policy()
-            store[position[keep] + step] = obs[keep, 0]
+            store.write(position[keep] + step, obs[keep, 0])
             actions[position[keep] + step] = action[keep]
             obs, _, terminated, truncated, _ = env.step(action)
             done_before = terminated | truncated
         env.close()
-        store.flush()
+        store.close()
         np.save(tmp / ACTIONS, actions)
         write_meta(tmp, source=f"ale:{game}", fps=15.0, height=height, width=width, count=frames,
                    episode_starts=sorted(episode_starts), num_actions=len(names), action_names=names,

@@ -35,11 +35,11 @@ def coinrun(tmp_path_factory):
     return out
 
 
-def write_video(path, frames, fps, size=(320, 180)):
-    """Write uint8 RGB frames as an mp4v video with OpenCV, resized (nearest) to `size` = (W, H)."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+def write_video(path, frames, fps):
+    """Write uint8 RGB frames (N, H, W, 3) as an mp4v video with OpenCV."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frames.shape[2], frames.shape[1]))
     for frame in frames:
-        writer.write(cv2.cvtColor(cv2.resize(frame, size, interpolation=cv2.INTER_NEAREST), cv2.COLOR_RGB2BGR))
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
     return path
 
@@ -55,8 +55,12 @@ def read_video(path):
 
 
 @pytest.fixture(scope="session")
-def coinrun_video(coinrun, tmp_path_factory):
-    """2.5 s of CoinRun gameplay (75 frames at 30 fps) rendered at 320x180 into a real mp4 file."""
+def coinrun_video(tmp_path_factory):
+    """2.5 s of CoinRun gameplay rendered by procgen at 320x180 (75 frames), written as a real mp4 at 30 fps."""
     from dataset import FrameStore
-    frames = np.array(FrameStore(coinrun).frames[:75])
+    out = tmp_path_factory.mktemp("data") / "coinrun_320x180"
+    result = run("download.py", "procgen:coinrun", "--frames", 75, "--num_envs", 1, "--size", "320x180", "--out", out)
+    assert result.returncode == 0, result.stderr
+    frames = np.array(FrameStore(out).frames)
+    assert frames.shape == (75, 180, 320, 3)
     return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames, 30)
