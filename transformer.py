@@ -1,0 +1,151 @@
+"""The spatio-temporal transformer shared by the world models (lam.py, dynamics.py; dit.py builds on it too).
+
+Legend: B batch, T frames, N tokens per frame (rows x cols), D model dim, H heads, K head dim, S sequences.
+
+A block factorises attention, as in Genie's ST-transformer:
+  1. spatial attention among the N tokens of each frame, with 2-D RoPE (half of each head rotates by row, half by
+     column), so the model knows where a token sits in the frame;
+  2. temporal attention among the frames at each token position, causal (a frame sees itself and earlier frames),
+     with 1-D RoPE over the absolute frame index. The angles are computed from the positions on the fly, so there is
+     no table to outgrow: a sliding window may run for any number of frames;
+  3. an MLP.
+Queries and keys are RMS-normalised (QK-norm) before RoPE, which keeps attention logits bounded in bf16.
+Each sub-layer is modulated by a per-frame conditioning vector (adaLN-Zero: shift, scale and a gate initialised to
+zero, so every block starts as the identity). The vector is computed once per frame, (B, T, D): the flow time for the
+DiT, the latent action for the dynamics and LAM decoders, a learned constant where nothing conditions.
+
+KV cache: during generation the frames of the context do not change, so their temporal keys and values are computed
+once (`update_cache=True`) and reused; a new frame then runs only its own N tokens through the network.
+"""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def rope_angles(positions, dim, base=10000.0):
+    """positions (L,) -> rotation angles (L, dim // 2) for any position, no table."""
+    freqs = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    return positions.float()[:, None] * freqs[None]
+
+
+def grid_angles(rows, cols, dim, device=None):
+    """2-D RoPE for a rows x cols grid, tokens in row-major order: (rows * cols, dim // 2)."""
+    r, c = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
+    return torch.cat([rope_angles(r.flatten(), dim // 2), rope_angles(c.flatten(), dim // 2)], dim=-1)
+
+
+def apply_rope(x, angles):
+    """x (..., L, K), angles (L, K // 2): rotate consecutive pairs of channels."""
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = nn.RMSNorm(dim // heads)
+        self.k_norm = nn.RMSNorm(dim // heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, angles, causal=False, past=None):
+        """x (S, L, D); angles (L, K/2) for the L new positions; past: (k, v) each (S, H, P, K) of earlier positions.
+        Returns the output (S, L, D) and this call's (k, v) including the past, for the cache."""
+        q, k, v = rearrange(self.qkv(x), "s l (three h k) -> three s h l k", three=3, h=self.heads)
+        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        mask, is_causal = None, causal
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            length, total = q.shape[2], k.shape[2]
+            is_causal = False
+            if causal and length > 1:  # new positions come after the past: query i sees keys up to P + i
+                mask = torch.ones(length, total, dtype=torch.bool, device=x.device).tril(total - length)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (S, H, L, K)
+        return self.proj(rearrange(out, "s h l k -> s l (h k)")), (k, v)
+
+
+class STBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(3))
+        self.spatial = Attention(dim, heads)
+        self.temporal = Attention(dim, heads)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Linear(dim, 9 * dim)  # shift, scale, gate for each of the three sub-layers
+
+    def forward(self, x, cond, space_angles, time_angles, past=None):
+        """x (B, T, N, D), cond (B, T, D) -> x (B, T, N, D) and the temporal (k, v) for the cache."""
+        b = x.shape[0]
+        mods = self.modulation(F.silu(cond))[:, :, None]  # (B, T, 1, 9D): once per frame, not per token
+        shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = mods.chunk(9, dim=-1)
+        h = rearrange(modulate(self.norm1(x), shift1, scale1), "b t n d -> (b t) n d")
+        h, _ = self.spatial(h, space_angles)
+        x = x + gate1 * rearrange(h, "(b t) n d -> b t n d", b=b)
+        h = rearrange(modulate(self.norm2(x), shift2, scale2), "b t n d -> (b n) t d")
+        h, kv = self.temporal(h, time_angles, causal=True, past=past)
+        x = x + gate2 * rearrange(h, "(b n) t d -> b t n d", b=b)
+        x = x + gate3 * self.mlp(modulate(self.norm3(x), shift3, scale3))
+        return x, kv
+
+
+class KVCache:
+    """Temporal keys and values of the frames already final, one (k, v) per block, each (B * N, H, frames, K).
+    Keeps the last `max_frames` frames (a sliding window); `position` is the absolute index of the next frame."""
+
+    def __init__(self, max_frames):
+        self.max_frames, self.position, self.layers = max_frames, 0, {}
+
+    def __len__(self):
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+
+class STTransformer(nn.Module):
+    """A stack of STBlocks over (B, T, N, D) token grids of `rows` x `cols`, with a final adaLN-modulated norm."""
+
+    def __init__(self, dim, depth, heads, rows, cols, mlp_ratio=4.0):
+        super().__init__()
+        assert dim % heads == 0 and (dim // heads) % 4 == 0, "2-D RoPE splits each head dimension in four"
+        self.rows, self.cols, self.head_dim = rows, cols, dim // heads
+        self.blocks = nn.ModuleList(STBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation_out = nn.Linear(dim, 2 * dim)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
+        nn.init.zeros_(self.modulation_out.weight)
+        nn.init.zeros_(self.modulation_out.bias)
+
+    def forward(self, x, cond, cache=None, update_cache=False):
+        """x (B, T, N, D), cond (B, T, D) -> (B, T, N, D).
+
+        With a cache, the T frames come after the cached ones (they attend to them); with update_cache their keys and
+        values join the cache, which then slides to its last max_frames frames.
+        """
+        start = cache.position if cache is not None else 0
+        space = grid_angles(self.rows, self.cols, self.head_dim, x.device)
+        time = rope_angles(torch.arange(start, start + x.shape[1], device=x.device), self.head_dim)
+        for i, block in enumerate(self.blocks):
+            past = cache.layers.get(i) if cache is not None else None
+            x, (k, v) = block(x, cond, space, time, past)
+            if update_cache:
+                cache.layers[i] = (k[:, :, -cache.max_frames:], v[:, :, -cache.max_frames:])
+        if update_cache:
+            cache.position += x.shape[1]
+        shift, scale = self.modulation_out(F.silu(cond))[:, :, None].chunk(2, dim=-1)
+        return modulate(self.norm_out(x), shift, scale)
