@@ -14,7 +14,10 @@ $(VENV)/installed: requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
+# The browser test drives Debian's chromium; as root, install it when missing (elsewhere the test says what to install).
 test: $(VENV)/installed
+	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; }
 	$(PY) -m pytest -q tests
 
 # The demo needs no internet beyond the package index: real CoinRun frames from procgen stand in for footage.
@@ -28,3 +31,8 @@ demo: $(VENV)/installed videos/coinrun/meta.json
 	# The footage path, offline: the preview goes through yt-dlp and prepare exactly as a downloaded video would.
 	$(PY) download.py results/coinrun_preview.mp4 --out videos
 	$(PY) dataset.py prepare videos/coinrun_preview.mp4 --fps 12 --size 320x180 --out videos/coinrun_preview_12fps_320x180
+	# Genie: tokenizer, latent actions, dynamics at the CPU preset; evaluated on held-out levels; played.
+	$(PY) train_genie.py --phase all --preset tiny --data videos/coinrun --out models/genie
+	$(PY) evaluate.py genie videos/coinrun --models models/genie --clips 64 --horizon 8 --json results/genie_eval.json
+	$(PY) play.py --models models/genie --data videos/coinrun --actions 0,1,2,3,4,5,6,7,0,1,2,3,4,5,6,7 \
+		--use_dataset_frame --output_dir results/genie_play

@@ -3,6 +3,7 @@
 Everything here is used by more than one script; each mechanism is written once.
 """
 import contextlib
+import io
 import os
 import random
 import shutil
@@ -155,6 +156,7 @@ def save_model(model, folder):
     model = getattr(model, "_orig_mod", model)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # huggingface_hub's generated model card: not part of the model
 
 
 def load_model(cls, folder_or_repo, device="cpu"):
@@ -165,7 +167,8 @@ def load_model(cls, folder_or_repo, device="cpu"):
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"{folder_or_repo} is not a model folder (no config.json)")
     try:
-        model = cls.from_pretrained(str(folder_or_repo), map_location=str(device))
+        with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints a line on every local load
+            model = cls.from_pretrained(str(folder_or_repo), map_location=str(device), strict=True)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"cannot load {cls.__name__} from {folder_or_repo}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()

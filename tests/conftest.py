@@ -64,3 +64,14 @@ def coinrun_video(tmp_path_factory):
     frames = np.array(FrameStore(out).frames)
     assert frames.shape == (75, 180, 320, 3)
     return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames, 30)
+
+
+@pytest.fixture(scope="session")
+def genie(tmp_path_factory):
+    """Collect 4000 CoinRun frames and train all three phases for 40 steps each through train_genie.py."""
+    root = tmp_path_factory.mktemp("genie")
+    result = run("train_genie.py", "--phase", "all", "--preset", "tiny", "--steps", 40, "--batch_size", 8,
+                 "--frames", 4000, "--data", root / "coinrun", "--out", root / "models", "--num_workers", 0,
+                 "--log_every", 5, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root

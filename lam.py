@@ -1,0 +1,138 @@
+"""Latent action model of the Genie pipeline: learns, from unlabelled clips, one discrete action per transition.
+
+Legend: B batch, T frames, N = (image_size / patch)^2 patch tokens per frame, P = 3 * patch^2 pixels per patch,
+D model dim, C code dim, K num_actions.
+
+Encoder (inverse dynamics): the frames' patch tokens go through a spatio-temporal transformer, causal in time, so the
+tokens of frame t+1 see x_1..x_{t+1}; their mean becomes a small code, quantised to one of K actions: a_t for the
+transition t -> t+1. Decoder (forward dynamics): x_1..x_t through a second transformer, each frame conditioned (adaLN)
+on the action taken after it, predicts the patches of x_{t+1}. The only path from x_{t+1} to the decoder is a_t, so a
+useful action must say what changed. One clip trains all T - 1 transitions at once. After training only the encoder
+matters: infer_actions labels clips for the dynamics model.
+
+Why a LAM collapses, and what this one does against it (each measure is a config field; 0 turns it off for ablations):
+  - A decoder that sees x_t can copy it: the reconstruction is almost solved without the action, the action gets no
+    gradient worth having, and every transition ends on one code (mini-genie's LAM: 8 actions, 1 used).
+    `context_mask`: in training, this fraction of the past frames' patch tokens is replaced by a learned mask token,
+    so copying the past leaves holes that only the action (what moved, and where) helps to fill.
+  - A code that loses the first nearest-neighbour contests never wins again. vae.VectorQuantizer compares small
+    (`code_dim`) l2-normalised codes by cosine similarity, so no code is out of reach by its norm, and restarts a code
+    idle for `dead_after` steps onto an encoder output of the batch.
+  - `usage_weight`: KL(batch-average soft assignment || uniform), the soft assignment being the softmax of the cosine
+    similarities to the codes / `temperature`. It is differentiable where the argmax of VQ is not, so it pulls the
+    encoder outputs apart before a code dies rather than after.
+  - `motion_weight`: the squared error of a pixel is weighted by 1 + motion_weight * |x_{t+1} - x_t|. Static
+    background dominates a plain MSE and needs no action; motion is exactly what the action must explain.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from transformer import STTransformer
+from vae import VectorQuantizer
+
+
+@dataclass
+class LAMConfig:
+    image_size: int = 64
+    patch: int = 8
+    dim: int = 512
+    depth: int = 8              # blocks of the encoder, and again of the decoder
+    heads: int = 8              # (dim // heads) % 4 == 0: 2-D RoPE splits each head in four
+    num_actions: int = 8
+    code_dim: int = 16
+    commitment: float = 0.25
+    dead_after: int = 50        # training steps a code may go unused before it is restarted; 0 = never
+    context_mask: float = 0.5   # fraction of the decoder's past patch tokens hidden in training; 0 = off
+    usage_weight: float = 0.1   # weight of KL(batch code distribution || uniform); 0 = off
+    temperature: float = 0.1    # of the soft assignment used by the usage term
+    motion_weight: float = 4.0  # extra reconstruction weight on pixels that change; 0 = plain MSE
+
+    @property
+    def grid(self):  # side of the patch grid
+        return self.image_size // self.patch
+
+
+PRESETS = {
+    "tiny": LAMConfig(dim=64, depth=2, heads=4),
+    "default": LAMConfig(),
+}
+
+
+class LatentActionModel(nn.Module, PyTorchModelHubMixin):
+    """Clips (B, T, 3, H, W) in [-1, 1] -> latent actions (B, T - 1). Saved and loaded with utils.save_model /
+    utils.load_model."""
+
+    def __init__(self, config: LAMConfig):
+        super().__init__()
+        assert config.image_size % config.patch == 0 and 0 <= config.context_mask < 1
+        self.config = config
+        c, g = config, config.grid
+        pixels = 3 * c.patch ** 2
+        self.enc_embed = nn.Linear(pixels, c.dim)
+        self.enc_cond = nn.Parameter(0.02 * torch.randn(c.dim))  # nothing conditions the encoder: a learned constant
+        self.encoder = STTransformer(c.dim, c.depth, c.heads, g, g)
+        self.to_code = nn.Linear(c.dim, c.code_dim)
+        # The VQ's dead_after counts steps; 0 (off) becomes "never", a count no run reaches.
+        self.vq = VectorQuantizer(c.num_actions, c.code_dim, c.commitment, c.dead_after or 2 ** 62)
+        self.dec_embed = nn.Linear(pixels, c.dim)
+        self.mask_token = nn.Parameter(0.02 * torch.randn(c.dim))
+        self.action_embed = nn.Linear(c.code_dim, c.dim)
+        self.decoder = STTransformer(c.dim, c.depth, c.heads, g, g)
+        self.to_pixels = nn.Linear(c.dim, pixels)
+
+    def patchify(self, frames):  # (B, T, 3, H, W) -> (B, T, N, P)
+        p = self.config.patch
+        return rearrange(frames, "b t c (h p) (w q) -> b t (h w) (p q c)", p=p, q=p)
+
+    def encode(self, frames):
+        """(B, T, 3, H, W) -> unquantised codes (B, T - 1, C) of the transitions; code t sees frames 0..t+1 only."""
+        b, t = frames.shape[:2]
+        x = self.enc_embed(self.patchify(frames))  # (B, T, N, D)
+        x = self.encoder(x, self.enc_cond.expand(b, t, -1))
+        return self.to_code(x[:, 1:].mean(2))  # (B, T - 1, C): frame t+1's tokens, which attend to the past
+
+    def action_embedding(self, actions):  # (...) int64 -> (..., D), the decoder's condition for those actions
+        return self.action_embed(self.vq.lookup(actions))
+
+    def decode(self, past, cond):
+        """past (B, T - 1, 3, H, W) frames x_1..x_t, cond (B, T - 1, D) -> predicted patches of x_2..x_{t+1}
+        (B, T - 1, N, P)."""
+        x = self.dec_embed(self.patchify(past))  # (B, T - 1, N, D)
+        if self.training and self.config.context_mask > 0:
+            hidden = torch.rand(x.shape[:3], device=x.device) < self.config.context_mask  # (B, T - 1, N)
+            x = torch.where(hidden[..., None], self.mask_token.to(x.dtype), x)
+        return self.to_pixels(self.decoder(x, cond))
+
+    def forward(self, frames):
+        """frames (B, T, 3, H, W) in [-1, 1], T >= 2 -> (loss, logs)."""
+        c = self.config
+        z = self.encode(frames)  # (B, T - 1, C)
+        quantized, indices, vq_loss, stats = self.vq(z)  # (B, T - 1, C), (B, T - 1)
+        pred = self.decode(frames[:, :-1], self.action_embed(quantized))  # (B, T - 1, N, P)
+
+        target, previous = self.patchify(frames[:, 1:]), self.patchify(frames[:, :-1])  # (B, T - 1, N, P)
+        error = (pred.float() - target) ** 2
+        weight = 1 + c.motion_weight * (target - previous).abs()
+        recon = (weight * error).sum() / weight.sum()
+
+        # Soft assignment of each transition to the codes; its batch average should use every code.
+        similarity = F.normalize(z.float(), dim=-1) @ self.vq.codes().float().t()  # (B, T - 1, K)
+        average = F.softmax(similarity / c.temperature, dim=-1).mean((0, 1))  # (K,)
+        usage_loss = (average * average.clamp_min(1e-12).log()).sum() + math.log(c.num_actions)
+
+        loss = recon + vq_loss + c.usage_weight * usage_loss
+        code_usage = torch.bincount(indices.flatten(), minlength=c.num_actions) / indices.numel()  # (K,)
+        logs = {"recon": error.mean().item(), "vq": vq_loss.item(), "usage_loss": usage_loss.item(), **stats,
+                "code_usage": code_usage.tolist()}
+        return loss, logs
+
+    @torch.no_grad()
+    def infer_actions(self, frames):
+        """(B, T, 3, H, W) -> (B, T - 1) int64 latent actions in [0, num_actions); never restarts codes."""
+        return self.vq.nearest(self.encode(frames))

@@ -1,0 +1,128 @@
+"""The browser front end of play.py: a real server process, a real headless Chromium, and the JSON protocol."""
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server(genie):
+    """play.py --ui web on a free port, serving the tiny models trained by the `genie` fixture."""
+    process = subprocess.Popen([sys.executable, "play.py", "--models", str(genie / "models"), "--data",
+                                str(genie / "coinrun"), "--port", "0", "--no_browser"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert line.startswith("play page: http://localhost:"), line + process.stderr.read()
+    assert "ssh -N -L" in process.stdout.readline()
+    yield line.split()[-1].rstrip("/")
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def request(url, path, body=None, headers=None):
+    """POST JSON (or GET without a body); returns (status, decoded JSON or raw bytes)."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, headers=headers or {}, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            status, content = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        status, content = e.code, e.read()
+    try:
+        return status, json.loads(content)
+    except ValueError:
+        return status, content
+
+
+def test_bad_requests_get_4xx_and_leave_the_session_alone(server):
+    status, session = request(server, "/api/session", {})
+    assert status == 200 and session["step"] == 0 and session["num_actions"] == 8
+    sid = session["session"]
+    for body in ({"session": sid, "action": 8}, {"session": sid, "action": -1}, {"session": sid, "action": "3"},
+                 {"session": sid, "action": True}, {"session": sid}):
+        status, reply = request(server, "/api/step", body)
+        assert status == 400 and "unknown action" in reply["error"], (body, reply)
+    status, reply = request(server, "/api/step", b"{not json")
+    assert status == 400 and "JSON object" in reply["error"]
+    status, reply = request(server, "/api/step", {"session": "nope", "action": 1})
+    assert status == 404 and "unknown or expired session" in reply["error"]
+    status, reply = request(server, "/api/step", {"session": sid, "action": 1})
+    assert status == 200 and reply["step"] == 1  # the bad requests did not count or break anything
+
+
+def test_foreign_origin_and_host_are_refused(server):
+    port = server.rsplit(":", 1)[1]
+    status, reply = request(server, "/api/session", {}, {"Origin": "http://evil.example"})
+    assert status == 403 and "foreign origin" in reply["error"]
+    status, _ = request(server, "/", headers={"Host": f"evil.example:{port}"})  # DNS rebinding
+    assert status == 403
+    status, _ = request(server, "/api/session", {}, {"Origin": f"http://localhost:{port}"})
+    assert status == 200
+
+
+def test_two_sessions_do_not_interfere(server):
+    a = request(server, "/api/session", {})[1]["session"]
+    b = request(server, "/api/session", {})[1]["session"]
+    for _ in range(3):
+        request(server, "/api/step", {"session": a, "action": 2})
+    assert request(server, "/api/step", {"session": b, "action": 5})[1]["step"] == 1
+    assert request(server, "/api/undo", {"session": a})[1]["step"] == 2
+    assert request(server, "/api/step", {"session": b, "action": 5})[1]["step"] == 2
+    status, gif = request(server, f"/api/download?session={a}&format=gif")
+    assert status == 200 and gif[:4] == b"GIF8"
+
+
+def test_play_in_a_real_browser(server, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package when run as root")
+        pytest.skip(f"needs Debian's chromium package ({CHROMIUM}): run `make test` as root or apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(accept_downloads=True)
+        page.goto(server + "/")
+        page.wait_for_function("document.querySelectorAll('#actions button').length === 8")
+        canvas = "document.getElementById('screen').toDataURL()"
+        page.wait_for_function("document.getElementById('screen').width === 64")
+        first = page.evaluate(canvas)
+
+        page.keyboard.press("3")
+        page.wait_for_function("document.getElementById('step').textContent === '1'")
+        page.wait_for_function(f"{canvas} !== {json.dumps(first)}")
+        page.keyboard.press("ArrowRight")  # bound to action 1 until the user changes it
+        page.wait_for_function("document.getElementById('step').textContent === '2'")
+        page.click("#actions button[data-action='7']")
+        page.wait_for_function("document.getElementById('step').textContent === '3'")
+        assert float(page.text_content("#fps")) > 0
+        page.keyboard.press("u")
+        page.wait_for_function("document.getElementById('step').textContent === '2'")
+
+        with page.expect_download() as download:
+            page.click("#gif")
+        assert Path(download.value.path()).read_bytes()[:4] == b"GIF8"
+        with page.expect_download() as download:
+            page.click("#mp4")
+        assert Path(download.value.path()).read_bytes()[4:8] == b"ftyp"
+
+        page.select_option("select[data-key='ArrowLeft']", "6")  # remembered in the browser across reloads
+        (ROOT / "results").mkdir(exist_ok=True)
+        page.screenshot(path=str(ROOT / "results" / "play_web.png"))
+        page.reload()
+        page.wait_for_function("document.querySelectorAll('#actions button').length === 8")
+        assert page.input_value("select[data-key='ArrowLeft']") == "6"
+        page.keyboard.press("r")
+        page.wait_for_function("document.getElementById('step').textContent === '0'")
+        assert page.text_content("#error") == ""
+        browser.close()

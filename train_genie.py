@@ -1,0 +1,181 @@
+"""Train the Genie pipeline on CoinRun: collect frames, then the tokenizer, the latent action model, the dynamics.
+
+  python train_genie.py --phase all --preset tiny --steps 300           # CPU, a few minutes (what `make demo` runs)
+  python train_genie.py --phase all                                     # one GPU, default sizes
+  python train_genie.py --phase dynamics --steps 50000                  # rerun one phase on the earlier ones' output
+
+Each phase writes a model folder (config.json + model.safetensors) under --out; later phases, play.py and
+evaluate.py read them with no flags:
+  models/genie/tokenizer   vae.Tokenizer             64x64 frame <-> 16x16 tokens
+  models/genie/lam         lam.LatentActionModel     clip -> one latent action per transition
+  models/genie/dynamics    dynamics.Dynamics         context tokens + latent action -> next frame's tokens
+and a log of its losses to models/genie/logs/<phase>.json. The models never see the true actions in the store.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dynamics
+import lam
+import vae
+from dataset import FrameStore, WindowDataset
+from download import collect_procgen
+from utils import UserError, WandbLog, atomic_write_text, get_device, load_model, positive, run_cli, save_model, \
+    seed_everything
+
+PHASES = ["collect", "tokenizer", "lam", "dynamics"]
+DEFAULTS = {  # per preset: steps per phase, batch size, frames to collect, LAM clip length
+    "tiny": dict(steps=300, batch_size=16, frames=50_000, lam_seq_len=4),
+    "default": dict(steps=50_000, batch_size=64, frames=1_000_000, lam_seq_len=16),
+}
+
+
+def train(phase, model, loss_fn, dataset, args, device):
+    """The loop every phase shares: AdamW, warmup + cosine, clipping, bf16 on CUDA; saves to --out/<phase>."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        raise UserError(f"{phase}: {len(dataset)} training windows, fewer than --batch_size {args.batch_size}")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=0.01)
+    warmup = max(1, min(1000, args.steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1, s / args.steps))))
+    wandb = WandbLog(args.wandb, "gameworld-genie", {**vars(args), "phase": phase})
+    history, batches, started = [], iter(loader), time.time()
+    model.train()
+    bar = tqdm(range(1, args.steps + 1), desc=phase)
+    for step in bar:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, logs = loss_fn({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % args.log_every == 0 or step in (1, args.steps):
+            logs = {k: (v if isinstance(v, list) else float(v)) for k, v in logs.items()}
+            history.append({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+                            "seconds": round(time.time() - started, 2), **logs})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not isinstance(v, list)})
+            if "code_usage" in logs:  # per-code usage of the latent actions: the first sign of collapse
+                bar.write(f"{phase} step {step}: latent action usage " +
+                          " ".join(f"{u:.0%}" for u in logs["code_usage"]))
+            wandb.log({k: v for k, v in history[-1].items() if not isinstance(v, list)}, step)
+    wandb.finish()
+    model.eval()
+    save_model(model, Path(args.out) / phase)
+    atomic_write_text(Path(args.out) / "logs" / f"{phase}.json", json.dumps(history, indent=1))
+    print(f"{phase}: saved {Path(args.out) / phase} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, {time.time() - started:.0f} s)")
+    return model
+
+
+def model_config(presets, phase, args):
+    """The preset's config for this phase with the --set overrides for it (e.g. lam.context_mask=0) applied."""
+    config = presets[args.preset]
+    fields = {f.name: f.type for f in dataclasses.fields(config)}
+    for item in args.set:
+        key, _, text = item.partition("=")
+        prefix, _, name = key.partition(".")
+        if prefix not in PHASES[1:] or not text:
+            raise UserError(f"--set takes PHASE.FIELD=VALUE with PHASE in tokenizer, lam, dynamics, not {item!r}")
+        if prefix != phase:
+            continue
+        if name not in fields:
+            raise UserError(f"--set {item}: {phase} has no field {name!r}; fields: {', '.join(fields)}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        config = dataclasses.replace(config, **{name: value})
+    return config
+
+
+def frames_store(args):
+    store = FrameStore(args.data)
+    if (store.height, store.width) != (64, 64):
+        raise UserError(f"{args.data} holds {store.height}x{store.width} frames; the Genie models take 64x64 "
+                        f"(collect with `download.py procgen:coinrun`, whose native size that is)")
+    return store
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Train the Genie pipeline (tokenizer, latent actions, dynamics).")
+    parser.add_argument("--phase", default="all", choices=PHASES + ["all"],
+                        help="which phase to run; 'all' runs them in order (an existing --data store is reused)")
+    parser.add_argument("--data", default="videos/coinrun", help="frame store of 64x64 frames (default videos/coinrun)")
+    parser.add_argument("--out", default="models/genie", help="folder for the three model folders and the logs")
+    parser.add_argument("--preset", default="default", choices=list(DEFAULTS), help="model sizes and defaults")
+    parser.add_argument("--steps", type=positive(int), help="training steps per phase (tiny 300, default 50000)")
+    parser.add_argument("--batch_size", type=positive(int), help="clips per step (tiny 16, default 64)")
+    parser.add_argument("--lr", type=positive(float), default=3e-4, help="peak learning rate (default 3e-4)")
+    parser.add_argument("--lam_seq_len", type=positive(int), help="frames per LAM training clip (tiny 4, default 16)")
+    parser.add_argument("--frames", type=positive(int), help="collect: CoinRun frames (tiny 50k, default 1M)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="PHASE.FIELD=VALUE",
+                        help="override a field of a model config, e.g. lam.context_mask=0 lam.dead_after=0 "
+                             "(the ablations of the README)")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    parser.add_argument("--log_every", type=positive(int), default=25, help="steps between log lines (default 25)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
+    parser.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
+    args = parser.parse_args()
+    for key, value in DEFAULTS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device = get_device(args.device)
+    seed_everything(args.seed)
+    out = Path(args.out)
+    phases = PHASES if args.phase == "all" else [args.phase]
+
+    if "collect" in phases:
+        if args.phase == "all" and Path(args.data).exists():
+            print(f"collect: using the existing store {args.data}")
+        else:
+            collect_procgen("coinrun", Path(args.data), args.frames, num_envs=64, start_level=0, num_levels=0,
+                            distribution_mode="hard", seed=args.seed, size=None, max_hold=12)
+
+    if "tokenizer" in phases:
+        store = frames_store(args)
+        model = vae.Tokenizer(model_config(vae.PRESETS, "tokenizer", args)).to(device)
+        train("tokenizer", model, lambda b: model(b["frames"][:, 0]), WindowDataset(store, 1), args, device)
+
+    if "lam" in phases:
+        store = frames_store(args)
+        model = lam.LatentActionModel(model_config(lam.PRESETS, "lam", args)).to(device)
+        train("lam", model, lambda b: model(b["frames"]), WindowDataset(store, args.lam_seq_len), args, device)
+
+    if "dynamics" in phases:
+        store = frames_store(args)
+        tokenizer = load_model(vae.Tokenizer, out / "tokenizer", device)
+        action_model = load_model(lam.LatentActionModel, out / "lam", device)
+        rows, cols = tokenizer.encode(torch.zeros(1, 3, 64, 64, device=device)).shape[1:]
+        config = dataclasses.replace(model_config(dynamics.PRESETS, "dynamics", args),
+                                     vocab_size=tokenizer.config.num_codes,
+                                     num_actions=action_model.config.num_actions, rows=rows, cols=cols)
+        model = dynamics.Dynamics(config).to(device)
+
+        def loss_fn(batch):  # tokens and latent actions from the frozen earlier phases: no gradient into them
+            frames = batch["frames"]  # (B, T, 3, 64, 64)
+            with torch.no_grad():
+                tokens = tokenizer.encode(frames.flatten(0, 1)).view(*frames.shape[:2], rows, cols)
+                actions = action_model.infer_actions(frames)  # (B, T - 1)
+            return model(tokens, actions)
+        train("dynamics", model, loss_fn, WindowDataset(store, config.context), args, device)
+
+
+if __name__ == "__main__":
+    run_cli(main)
