@@ -1,10 +1,12 @@
 """The Genie pipeline end to end at the tiny preset on real CoinRun frames: train, evaluate, play; and bad input."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run
+from conftest import ROOT, assert_user_error, run
 
 
 def test_every_phase_learns(genie):
@@ -28,12 +30,9 @@ def test_play_batch_writes_every_frame(genie, tmp_path):
 
 
 def test_play_terminal_reads_keys(genie, tmp_path):
-    import subprocess
-    import sys
-    from conftest import ROOT
     result = subprocess.run([sys.executable, "play.py", "--models", str(genie / "models"), "--data",
-                             str(genie / "coinrun"), "--output_dir", str(tmp_path)], input="12r3x9q", text=True,
-                            capture_output=True, cwd=ROOT, timeout=120)
+                             str(genie / "coinrun"), "--output_dir", str(tmp_path), "--ui", "terminal"],
+                            input="12r3x9q", text=True, capture_output=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("action") == 3 and "reset" in result.stdout  # x and 9 (out of range) are ignored
     assert (tmp_path / "current.png").exists() and (tmp_path / "step_0002.png").exists()
