@@ -8,15 +8,28 @@ A frame store is a folder:
   meta.json    source, fps, height, width, count, episode_starts (first frame of each episode, ascending, from 0),
                levels (one per episode, or null), num_actions and action_names (or null), and how it was made
 
-Windows come out as (T, C, H, W) float tensors in [-1, 1]: for Celeste footage C, H, W = 3, 180, 320.
+A latent store holds a frame store encoded by the ViT-VAE (vae2.py), for the DiT:
+  mu.f16       float16 posterior means (count, N, L) = (count, 220, 48), raw bytes read through a memory map
+  logvar.f16   float16 posterior log-variances, the same shape
+  actions.npy  copied from the frame store, if it has one
+  meta.json    the frame store's meta plus latent_shape [N, L], scale (1 / std of mu over the store: the DiT
+               multiplies latents by it to get unit variance), vae (its folder), vae_id (changes with its weights)
+               and frames (the frame store's path)
+
+Windows come out as (T, C, H, W) float tensors in [-1, 1] from a frame store (for Celeste footage C, H, W = 3, 180,
+320), as (T, N, L) float32 mu and logvar from a latent store.
 
   python dataset.py prepare videos/z8r255LoVJc.mp4 --fps 12 --size 320x180     # -> videos/z8r255LoVJc_12fps_320x180/
   python dataset.py info videos/coinrun
   python dataset.py preview videos/coinrun --frames 300 --out results/coinrun.mp4
+  python dataset.py encode videos/z8r255LoVJc_12fps_320x180 --vae models/vae2  # -> videos/..._320x180_latents/
 """
 import argparse
+import hashlib
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -24,59 +37,31 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, atomic_dir, parse_size, positive, run_cli, write_gif, write_mp4
+from utils import UserError, atomic_dir, get_device, load_model, parse_size, positive, run_cli, write_gif, write_mp4
+from vae2 import ViTVAE
 
-FRAMES, ACTIONS, META = "frames.u8", "actions.npy", "meta.json"
+FRAMES, ACTIONS, META, MU, LOGVAR = "frames.u8", "actions.npy", "meta.json", "mu.f16", "logvar.f16"
 
 
 # ----------------------------------------------------------------------------- the store
 
-class FrameStore:
-    """A frame store opened for reading. Every file is checked against meta.json when it is opened."""
+class Store:
+    """What frame stores and latent stores share: episodes, the true actions, and memory maps opened lazily, so that
+    a store pickled into DataLoader workers sends only its path."""
 
-    def __init__(self, path):
-        self.path = Path(path)
-        if not (self.path / META).is_file():
-            raise UserError(f"{self.path} is not a frame store (no {META})")
-        try:
-            self.meta = json.loads((self.path / META).read_text())
-            self.count, self.height, self.width = (int(self.meta[k]) for k in ("count", "height", "width"))
-            self.episode_starts = [int(s) for s in self.meta["episode_starts"]]
-            self.levels = self.meta.get("levels")
-            self.fps = float(self.meta["fps"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{self.path / META} is malformed: {type(e).__name__} {e}") from None
-        check_meta(self.path, self.meta)
-        expected = self.count * self.height * self.width * 3
-        size = (self.path / FRAMES).stat().st_size if (self.path / FRAMES).is_file() else -1
-        if size != expected:
-            raise UserError(f"{self.path / FRAMES} holds {size} bytes but meta.json describes {self.count} frames of "
-                            f"{self.height}x{self.width}x3 = {expected} bytes (truncated or foreign file?)")
-        self.has_actions = (self.path / ACTIONS).exists()
-        if self.has_actions:
-            try:
-                actions = np.load(self.path / ACTIONS, mmap_mode="r")
-            except ValueError as e:
-                raise UserError(f"{self.path / ACTIONS} is unreadable: {e}") from None
-            if actions.shape != (self.count,):
-                raise UserError(f"{self.path / ACTIONS} has shape {actions.shape}, meta.json says {self.count} frames")
-        self._frames = self._actions = None
-
-    # Memory maps are opened lazily, so that a store pickled into DataLoader workers sends only its path.
-    @property
-    def frames(self):  # (count, H, W, 3) uint8
-        if self._frames is None:
-            self._frames = np.memmap(self.path / FRAMES, np.uint8, "r", shape=(self.count, self.height, self.width, 3))
-        return self._frames
+    def memmap(self, name, dtype, item_shape):  # (count, *item_shape), opened on first use
+        if name not in self._maps:
+            self._maps[name] = np.memmap(self.path / name, dtype, "r", shape=(self.count, *item_shape))
+        return self._maps[name]
 
     @property
     def actions(self):  # (count,) int64, or None
-        if self._actions is None and self.has_actions:
-            self._actions = np.load(self.path / ACTIONS, mmap_mode="r")
-        return self._actions
+        if self.has_actions and ACTIONS not in self._maps:
+            self._maps[ACTIONS] = np.load(self.path / ACTIONS, mmap_mode="r")
+        return self._maps.get(ACTIONS)
 
     def __getstate__(self):
-        return {**self.__dict__, "_frames": None, "_actions": None}
+        return {**self.__dict__, "_maps": {}}
 
     def __len__(self):
         return self.count
@@ -84,6 +69,72 @@ class FrameStore:
     def episodes(self):
         """[(start, end), ...]: the frame range of each episode, end exclusive."""
         return list(zip(self.episode_starts, self.episode_starts[1:] + [self.count]))
+
+
+class FrameStore(Store):
+    """A frame store opened for reading. Every file is checked against meta.json when it is opened."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.meta = read_meta(self.path, "frame store")
+        try:
+            self.height, self.width = int(self.meta["height"]), int(self.meta["width"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.path / META} is malformed: {type(e).__name__} {e}") from None
+        self.count, self.episode_starts, self.levels, self.fps = (self.meta[k] for k in
+                                                                  ("count", "episode_starts", "levels", "fps"))
+        check_size(self.path / FRAMES, self.count * self.height * self.width * 3,
+                   f"{self.count} frames of {self.height}x{self.width}x3")
+        self.has_actions = check_actions(self.path, self.count)
+        self._maps = {}
+
+    @property
+    def frames(self):  # (count, H, W, 3) uint8
+        return self.memmap(FRAMES, np.uint8, (self.height, self.width, 3))
+
+    def window(self, start, length):
+        """{"frames": (T, C, H, W) float in [-1, 1], "actions": (T,) int64 if the store has actions}."""
+        frames = torch.from_numpy(np.array(self.frames[start:start + length]))  # (T, H, W, C) uint8
+        item = {"frames": frames.permute(0, 3, 1, 2).float() / 127.5 - 1}  # (T, C, H, W)
+        if self.has_actions:
+            item["actions"] = torch.from_numpy(np.array(self.actions[start:start + length], dtype=np.int64))
+        return item
+
+
+def read_meta(path, kind):
+    """meta.json of a store folder, with count, episode_starts, levels and fps checked and converted."""
+    if not (path / META).is_file():
+        raise UserError(f"{path} is not a {kind} (no {META})")
+    try:
+        meta = json.loads((path / META).read_text())
+        meta["count"] = int(meta["count"])
+        meta["episode_starts"] = [int(s) for s in meta["episode_starts"]]
+        meta["levels"] = meta.get("levels")
+        meta["fps"] = float(meta["fps"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path / META} is malformed: {type(e).__name__} {e}") from None
+    check_meta(path, meta)
+    return meta
+
+
+def check_size(file, expected, what):
+    size = file.stat().st_size if file.is_file() else -1
+    if size != expected:
+        raise UserError(f"{file} holds {size} bytes but meta.json describes {what} = {expected} bytes "
+                        f"(truncated or foreign file?)")
+
+
+def check_actions(path, count):
+    """Whether the store at `path` has actions.npy; UserError if it does not match `count` frames."""
+    if not (path / ACTIONS).exists():
+        return False
+    try:
+        actions = np.load(path / ACTIONS, mmap_mode="r")
+    except ValueError as e:
+        raise UserError(f"{path / ACTIONS} is unreadable: {e}") from None
+    if actions.shape != (count,):
+        raise UserError(f"{path / ACTIONS} has shape {actions.shape}, meta.json says {count} frames")
+    return True
 
 
 def check_meta(path, meta):
@@ -175,6 +226,14 @@ def prepare(video, out, fps=12.0, size=(320, 180)):
     return FrameStore(out)
 
 
+def require_size(store, width, height):
+    """UserError unless the store's frames are width x height, the size a model takes, with how to make such a store."""
+    if (store.width, store.height) != (width, height):
+        raise UserError(f"{store.path} holds {store.width}x{store.height} frames; the model takes {width}x{height} "
+                        f"(make a store of that size: `python dataset.py prepare VIDEO --size {width}x{height}` or "
+                        f"`python download.py procgen:coinrun --size {width}x{height}`)")
+
+
 def open_frames(data, fps=12.0, size=(320, 180)):
     """A training script's DATA: a store folder, or a video prepared on first use into <video>_<fps>fps_<W>x<H>/."""
     data = Path(data)
@@ -187,6 +246,126 @@ def open_frames(data, fps=12.0, size=(320, 180)):
         except UserError:  # an unusable cache is rebuilt rather than trusted
             pass
     return prepare(data, cached, fps, size)
+
+
+# ----------------------------------------------------------------------------- latent stores
+
+class LatentStore(Store):
+    """A latent store opened for reading (`encode` writes one). Every file is checked against meta.json."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.meta = read_meta(self.path, "latent store")
+        try:
+            self.latent_shape = tuple(int(n) for n in self.meta["latent_shape"])
+            self.scale = float(self.meta["scale"])
+            self.vae_id = str(self.meta["vae_id"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.path / META} is malformed: {type(e).__name__} {e}") from None
+        if len(self.latent_shape) != 2 or not (math.isfinite(self.scale) and self.scale > 0):
+            raise UserError(f"{self.path / META}: latent_shape must be [N, L] and scale a positive number")
+        self.count, self.episode_starts, self.levels, self.fps = (self.meta[k] for k in
+                                                                  ("count", "episode_starts", "levels", "fps"))
+        for name in (MU, LOGVAR):
+            check_size(self.path / name, self.count * math.prod(self.latent_shape) * 2,
+                       f"{self.count} latents of {self.latent_shape} float16")
+        self.has_actions = check_actions(self.path, self.count)
+        self._maps = {}
+
+    @property
+    def mu(self):  # (count, N, L) float16
+        return self.memmap(MU, np.float16, self.latent_shape)
+
+    @property
+    def logvar(self):  # (count, N, L) float16
+        return self.memmap(LOGVAR, np.float16, self.latent_shape)
+
+    def window(self, start, length):
+        """{"mu", "logvar": (T, N, L) float32, "actions": (T,) int64 if the store has actions}."""
+        item = {"mu": torch.from_numpy(np.array(self.mu[start:start + length], dtype=np.float32)),
+                "logvar": torch.from_numpy(np.array(self.logvar[start:start + length], dtype=np.float32))}
+        if self.has_actions:
+            item["actions"] = torch.from_numpy(np.array(self.actions[start:start + length], dtype=np.int64))
+        return item
+
+
+def open_store(path):
+    """A frame store or a latent store, whichever the folder holds."""
+    return LatentStore(path) if (Path(path) / MU).exists() else FrameStore(path)
+
+
+def vae_id(folder):
+    """A short hash of a local VAE folder's weights and config: a latent store made with other weights is stale."""
+    if not Path(folder).is_dir():
+        raise UserError(f"model folder {folder} does not exist")
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        if not (Path(folder) / name).is_file():
+            raise UserError(f"{folder} is not a model folder (no {name})")
+        with open(Path(folder) / name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def latents_folder(store_path):
+    """Where a frame store's latents go by default: beside it, <store>_latents."""
+    store_path = Path(store_path)
+    return store_path.parent / f"{store_path.name}_latents"
+
+
+@torch.no_grad()
+def encode(store, vae_folder, out, device, batch_size=64):
+    """Encode every frame of `store` (a FrameStore) with the VAE in `vae_folder` into a latent store at `out`."""
+    vae = load_model(ViTVAE, vae_folder, device)
+    c = vae.config
+    require_size(store, c.width, c.height)
+    shape = (store.count, c.tokens, c.latent_dim)
+    total, total_sq = 0.0, 0.0  # float64 sums of mu and mu^2, for the store's std
+    with atomic_dir(out) as tmp:
+        mu_file = np.memmap(tmp / MU, np.float16, "w+", shape=shape)
+        logvar_file = np.memmap(tmp / LOGVAR, np.float16, "w+", shape=shape)
+        for start in tqdm(range(0, store.count, batch_size), unit="batch", desc=f"encode {store.path.name}"):
+            frames = store.window(start, batch_size)["frames"].to(device)  # (B, 3, H, W)
+            mu, logvar = vae.encode(frames)  # (B, N, L) each
+            mu_file[start:start + len(mu)] = mu.cpu().numpy().astype(np.float16)
+            logvar_file[start:start + len(mu)] = logvar.cpu().numpy().astype(np.float16)
+            total += mu.double().sum().item()
+            total_sq += mu.double().pow(2).sum().item()
+        mu_file.flush()
+        logvar_file.flush()
+        del mu_file, logvar_file
+        if store.has_actions:
+            shutil.copyfile(store.path / ACTIONS, tmp / ACTIONS)
+        numbers = math.prod(shape)
+        std = math.sqrt(max(total_sq / numbers - (total / numbers) ** 2, 1e-12))
+        meta = {**store.meta, "latent_shape": [c.tokens, c.latent_dim], "scale": 1 / std, "vae": str(vae_folder),
+                "vae_id": vae_id(vae_folder), "frames": str(store.path)}
+        write_meta(tmp, **meta)
+    return LatentStore(out)
+
+
+def open_latents(data, vae_folder, device, batch_size=64):
+    """A DiT's DATA: a latent store (checked against the VAE's weights), or a frame store or video whose latents are
+    encoded once into <store>_latents beside it and reused until the VAE's weights change."""
+    current = vae_id(vae_folder)
+    if (Path(data) / MU).exists():
+        latents = LatentStore(data)
+        if latents.vae_id != current:
+            raise UserError(f"{data} was encoded by another VAE than the one in {vae_folder} now (vae_id "
+                            f"{latents.vae_id} != {current}); re-encode it: python dataset.py encode "
+                            f"{latents.meta.get('frames', 'STORE')} --vae {vae_folder}")
+        return latents
+    store = open_frames(data)
+    cached = latents_folder(store.path)
+    if (cached / META).is_file():
+        try:
+            latents = LatentStore(cached)
+            if latents.vae_id == current and latents.count == store.count:
+                return latents
+        except UserError:  # an unusable cache is rebuilt rather than trusted
+            pass
+    return encode(store, vae_folder, cached, device, batch_size)
 
 
 # ----------------------------------------------------------------------------- windows
@@ -211,15 +390,23 @@ def split_episodes(store, split, fraction=0.1):
     return [ep for ep, key in zip(episodes, keys) if held_out(key, fraction) == want_val]
 
 
-class WindowDataset(torch.utils.data.Dataset):
-    """Windows of `seq_len` consecutive frames that never cross an episode boundary.
+def spread_frames(store, split, count):
+    """Indices of `count` frames spread evenly over the frames of `split` (all of them if it holds fewer)."""
+    index = np.concatenate([np.arange(s, e) for s, e in split_episodes(store, split)] + [np.zeros(0, np.int64)])
+    return index[np.linspace(0, len(index) - 1, count).round().astype(int)] if len(index) > count else index
 
-    Item: {"frames": (T, C, H, W) float in [-1, 1], "actions": (T,) int64 (only if the store has actions)}.
-    actions[k] is the true action taken at frame k, so frames[k] -> frames[k + 1] is caused by actions[k].
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Windows of `seq_len` consecutive frames that never cross an episode boundary, from a frame or latent store
+    (or the path of one).
+
+    Item from a frame store: {"frames": (T, C, H, W) float in [-1, 1], "actions": (T,) int64 (if the store has
+    actions)}; from a latent store: {"mu", "logvar": (T, N, L) float32, "actions"}. actions[k] is the true action
+    taken at frame k, so frames[k] -> frames[k + 1] is caused by actions[k].
     """
 
     def __init__(self, store, seq_len, split="train", held_out_fraction=0.1, stride=1):
-        self.store = store if isinstance(store, FrameStore) else FrameStore(store)
+        self.store = store if isinstance(store, (FrameStore, LatentStore)) else open_store(store)
         self.seq_len = seq_len
         ranges = split_episodes(self.store, split, held_out_fraction)
         starts = [np.arange(s, e - seq_len + 1, stride) for s, e in ranges if e - s >= seq_len]
@@ -231,12 +418,7 @@ class WindowDataset(torch.utils.data.Dataset):
         return len(self.starts)
 
     def __getitem__(self, i):
-        s = int(self.starts[i])
-        frames = torch.from_numpy(np.array(self.store.frames[s:s + self.seq_len]))  # (T, H, W, C) uint8
-        item = {"frames": frames.permute(0, 3, 1, 2).float() / 127.5 - 1}  # (T, C, H, W)
-        if self.store.has_actions:
-            item["actions"] = torch.from_numpy(np.array(self.store.actions[s:s + self.seq_len], dtype=np.int64))
-        return item
+        return self.store.window(int(self.starts[i]), self.seq_len)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -244,12 +426,17 @@ class WindowDataset(torch.utils.data.Dataset):
 def describe(store):
     """A few lines on what a store holds."""
     lengths = np.diff(store.episode_starts + [store.count])
-    lines = [f"store       {store.path}",
-             f"source      {store.meta['source']}",
-             f"frames      {store.count} x (3, {store.height}, {store.width}) uint8 = "
-             f"{store.count * store.height * store.width * 3 / 2**30:.2f} GiB",
-             f"fps         {store.fps:g} ({store.count / store.fps / 3600:.2f} h)",
-             f"episodes    {len(lengths)}, length min/mean/max {lengths.min()}/{lengths.mean():.1f}/{lengths.max()}"]
+    lines = [f"store       {store.path}", f"source      {store.meta['source']}"]
+    if isinstance(store, LatentStore):
+        n, l = store.latent_shape
+        lines += [f"latents     {store.count} x ({n}, {l}) float16, mu and logvar = "
+                  f"{2 * store.count * n * l * 2 / 2**30:.2f} GiB, scale {store.scale:.4g}",
+                  f"encoded     from {store.meta['frames']} by {store.meta['vae']} (vae_id {store.vae_id})"]
+    else:
+        lines.append(f"frames      {store.count} x (3, {store.height}, {store.width}) uint8 = "
+                     f"{store.count * store.height * store.width * 3 / 2**30:.2f} GiB")
+    lines += [f"fps         {store.fps:g} ({store.count / store.fps / 3600:.2f} h)",
+              f"episodes    {len(lengths)}, length min/mean/max {lengths.min()}/{lengths.mean():.1f}/{lengths.max()}"]
     if store.levels is not None:
         lines.append(f"levels      {len(set(store.levels))} distinct")
     if store.has_actions:
@@ -263,7 +450,8 @@ def describe(store):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Frame stores: make one from a video, describe one, preview one.")
+    parser = argparse.ArgumentParser(description="Frame stores: make one from a video, describe one, preview one, "
+                                                 "encode one into a latent store.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="decode a video into a frame store (resampled by timestamp, resized)")
     p.add_argument("video", help="a video file OpenCV can read (mp4, webm, mkv, avi)")
@@ -271,13 +459,19 @@ def main():
     p.add_argument("--size", default="320x180", help="WIDTHxHEIGHT of the stored frames (default 320x180)")
     p.add_argument("--out", help="store folder (default: beside the video, <name>_<fps>fps_<W>x<H>)")
     p = sub.add_parser("info", help="print what a store holds")
-    p.add_argument("store", help="a frame store folder")
+    p.add_argument("store", help="a frame store or latent store folder")
     p = sub.add_parser("preview", help="write a stretch of a store as an mp4 and a gif to look at")
     p.add_argument("store", help="a frame store folder")
     p.add_argument("--start", type=int, default=0, help="first frame (default 0)")
     p.add_argument("--frames", type=positive(int), default=240, help="how many frames (default 240)")
     p.add_argument("--scale", type=positive(int), default=1, help="enlarge by this factor, nearest-neighbour")
     p.add_argument("--out", default="results/preview.mp4", help="mp4 path; the gif goes beside it")
+    p = sub.add_parser("encode", help="encode a frame store with a trained ViT-VAE into a latent store for the DiT")
+    p.add_argument("store", help="a frame store folder whose frames have the VAE's size (320x180)")
+    p.add_argument("--vae", default="models/vae2", help="the ViT-VAE model folder (default models/vae2)")
+    p.add_argument("--out", help="latent store folder (default: beside the store, <store>_latents)")
+    p.add_argument("--batch_size", type=positive(int), default=64, help="frames per batch (default 64)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     args = parser.parse_args()
 
     if args.command == "prepare":
@@ -286,7 +480,7 @@ def main():
         out = args.out or video.parent / f"{video.stem}_{args.fps:g}fps_{size[0]}x{size[1]}"
         print(describe(prepare(video, out, args.fps, size)))
     elif args.command == "info":
-        print(describe(FrameStore(args.store)))
+        print(describe(open_store(args.store)))
     elif args.command == "preview":
         store = FrameStore(args.store)
         if not 0 <= args.start < store.count:
@@ -296,6 +490,10 @@ def main():
         write_mp4(args.out, frames, store.fps)
         write_gif(Path(args.out).with_suffix(".gif"), frames, store.fps)
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.gif')} ({len(frames)} frames)")
+    elif args.command == "encode":
+        store = FrameStore(args.store)
+        out = args.out or latents_folder(store.path)
+        print(describe(encode(store, args.vae, out, get_device(args.device), args.batch_size)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
   python evaluate.py genie --models models/genie videos/coinrun              # held-out CoinRun levels
   python evaluate.py genie --models models/genie videos/coinrun --clips 256 --horizon 16 --json results/genie_eval.json
+  python evaluate.py vae --vae models/vae2 videos/z8r255LoVJc_12fps_320x180   # held-out stretch of the footage
+  python evaluate.py dit --models models/ videos/z8r255LoVJc_12fps_320x180 --horizon 16
 
 genie reports:
   tokenizer_psnr, codebook_used        reconstruction PSNR (dB) and the fraction of the codebook used on held-out frames
@@ -15,6 +17,17 @@ genie reports:
                                        actions, at t = 4 and at t = --horizon
   rollout_psnr, baseline_psnr          PSNR per horizon step of the inferred-action rollout, and of copying the
                                        prompt frame (the baseline a world model must beat)
+
+vae reports (-> results/vae_eval.json):
+  psnr, ssim                           reconstruction decode(mu) of --frames held-out frames (the 'val' split: held-out
+                                       levels, episodes, or the last 10 % of a single video): PSNR (dB) and SSIM
+                                       (Gaussian window 11x11, sigma 1.5, on [0, 1] images, averaged over channels)
+
+dit reports (-> results/dit_eval.json and a plot beside it), each a list over horizon steps 1..--horizon:
+  psnr, ssim                           the DiT's continuation of --clips held-out clips (prompt: --prompt_frames true
+                                       frames through the VAE) against the true continuation
+  baseline_psnr, baseline_ssim         copying the last prompt frame on the same windows (a world model must beat it)
+  recon_psnr                           the VAE's reconstruction of the true frames: the ceiling the DiT works under
 """
 import argparse
 import json
@@ -23,19 +36,43 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from dataset import FrameStore, WindowDataset
+from dataset import FrameStore, WindowDataset, open_frames, require_size, spread_frames
+from generate import load_world
 from dynamics import Dynamics
 from lam import LatentActionModel
 from utils import UserError, atomic_path, atomic_write_text, get_device, load_model, positive, run_cli, \
     seed_everything
 from vae import Tokenizer
+from vae2 import ViTVAE
 
 
 def psnr(a, b):
     """Per-frame PSNR (dB) of frames in [-1, 1]: (..., C, H, W) -> (...)."""
     mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(a, b):
+    """Per-frame SSIM (Wang et al. 2004) of frames in [-1, 1]: (..., C, H, W) -> (...).
+
+    Computed on [0, 1] images with an 11x11 Gaussian window (sigma 1.5) over the positions where the window fits, each
+    channel separately, then averaged over channels and positions; the constants are (0.01)^2 and (0.03)^2.
+    """
+    lead, (c, h, w) = a.shape[:-3], a.shape[-3:]
+    x, y = ((t.float().reshape(-1, 1, h, w) + 1) / 2 for t in (a, b))  # (M, 1, H, W), one image per channel
+    g = torch.exp(-(torch.arange(11, device=x.device) - 5.0) ** 2 / (2 * 1.5 ** 2))
+    g = g / g.sum()
+
+    def blur(t):  # separable Gaussian: rows, then columns
+        return F.conv2d(F.conv2d(t, g.view(1, 1, 11, 1)), g.view(1, 1, 1, 11))
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    index = (2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))  # (M, 1, H-10, W-10)
+    return index.reshape(*lead, c, -1).mean(dim=(-2, -1))
 
 
 def entropy(p):
@@ -170,6 +207,105 @@ def evaluate_genie(args):
     return results
 
 
+@torch.no_grad()
+def evaluate_vae(args):
+    device = get_device(args.device)
+    vae = load_model(ViTVAE, args.vae, device)
+    c = vae.config
+    store = open_frames(args.data, size=(c.width, c.height))
+    require_size(store, c.width, c.height)
+    picked = spread_frames(store, "val", args.frames)
+    if len(picked) == 0:
+        raise UserError(f"{store.path} has no held-out frames (its 'val' split is empty)")
+    psnrs, ssims = [], []
+    for i in range(0, len(picked), args.batch_size):
+        frames = torch.stack([store.window(int(j), 1)["frames"][0] for j in picked[i:i + args.batch_size]])
+        frames = frames.to(device)  # (B, 3, H, W)
+        recon = vae.decode(vae.encode(frames)[0])
+        psnrs.append(psnr(recon, frames).cpu())
+        ssims.append(ssim(recon, frames).cpu())
+    results = {"psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean()), "frames": len(picked),
+               "vae": str(args.vae), "data": str(store.path)}
+    json_path = Path(args.json or "results/vae_eval.json")
+    atomic_write_text(json_path, json.dumps(results, indent=1))
+    print(f"{'VAE':<12} {'frames':>7} {'PSNR (dB)':>10} {'SSIM':>7}")
+    print(f"{Path(args.vae).name:<12} {len(picked):>7} {results['psnr']:>10.2f} {results['ssim']:>7.4f}")
+    print(f"wrote {json_path}")
+    return results
+
+
+def draw_curves(path, curves, title, ylabel="PSNR (dB)"):
+    """A line plot of named curves over horizon steps 1..H, drawn with OpenCV and written as PNG."""
+    width, height, left, bottom, top = 640, 400, 60, 40, 40
+    values = np.concatenate([np.asarray(v, float) for v in curves.values()])
+    low, high = np.floor(values.min()) - 1, np.ceil(values.max()) + 1
+    image = np.full((height, width, 3), 255, np.uint8)
+    steps = len(next(iter(curves.values())))
+
+    def point(i, value):
+        x = left + (width - left - 20) * (i / max(1, steps - 1))
+        y = top + (height - top - bottom) * (high - value) / (high - low)
+        return int(x), int(y)
+
+    cv2.rectangle(image, (left, top), (width - 20, height - bottom), (0, 0, 0), 1)
+    for value in np.linspace(low, high, 5):
+        cv2.putText(image, f"{value:.1f}", (5, point(0, value)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    cv2.putText(image, f"{title}: {ylabel} at horizon step 1..{steps}", (left, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                (0, 0, 0), 1)
+    colours = [(200, 60, 30), (30, 30, 200), (40, 150, 40), (120, 120, 120)]
+    for k, (name, curve) in enumerate(curves.items()):
+        points = np.array([point(i, v) for i, v in enumerate(curve)], np.int32)
+        cv2.polylines(image, [points], False, colours[k % 4], 2)
+        cv2.putText(image, name, (width - 200, top + 20 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colours[k % 4], 1)
+    with atomic_path(path) as tmp:
+        cv2.imwrite(str(tmp), image[..., ::-1])
+
+
+@torch.no_grad()
+def evaluate_dit(args):
+    device = get_device(args.device)
+    vae, model = load_world(args.models, device)
+    c = vae.config
+    store = open_frames(args.data, size=(c.width, c.height))
+    require_size(store, c.width, c.height)
+    windows = WindowDataset(store, args.prompt_frames + args.horizon, split="val")
+    picks = np.linspace(0, len(windows) - 1, min(args.clips, len(windows))).round().astype(int)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    scale = model.config.latent_scale
+    sums = {k: torch.zeros(args.horizon) for k in ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr")}
+    for chunk in tqdm(np.array_split(picks, max(1, len(picks) // args.batch_size)), desc="evaluate dit"):
+        frames = torch.stack([windows[int(i)]["frames"] for i in chunk]).to(device)  # (B, P + H, 3, h, w)
+        prompt, truth = frames[:, :args.prompt_frames], frames[:, args.prompt_frames:]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            mu, logvar = vae.encode(prompt.flatten(0, 1))  # (B * P, N, C)
+            noise = torch.randn(mu.shape, device=device, generator=generator)
+            context = ((mu.float() + (0.5 * logvar.float()).exp() * noise) * scale).unflatten(0, prompt.shape[:2])
+            generated = model.rollout(context, args.horizon, args.steps, args.context_t, generator) / scale
+            decoded = vae.decode(generated.flatten(0, 1)).float().unflatten(0, truth.shape[:2])  # (B, H, 3, h, w)
+            recon = vae.decode(vae.encode(truth.flatten(0, 1))[0]).float().unflatten(0, truth.shape[:2])
+        last = prompt[:, -1:].expand_as(truth)  # the baseline: nothing moves after the prompt
+        sums["psnr"] += psnr(decoded, truth).sum(0).cpu()
+        sums["ssim"] += ssim(decoded, truth).sum(0).cpu()
+        sums["baseline_psnr"] += psnr(last, truth).sum(0).cpu()
+        sums["baseline_ssim"] += ssim(last, truth).sum(0).cpu()
+        sums["recon_psnr"] += psnr(recon, truth).sum(0).cpu()
+    result = {k: [round(float(v), 4) for v in s / len(picks)] for k, s in sums.items()}
+    result.update(clips=len(picks), horizon=args.horizon, prompt_frames=args.prompt_frames, steps=args.steps,
+                  context_t=args.context_t, models=str(args.models), data=str(args.data))
+    json_path = Path(args.json or "results/dit_eval.json")
+    atomic_write_text(json_path, json.dumps(result, indent=1))
+    plot = json_path.with_suffix(".png")
+    draw_curves(plot, {"DiT": result["psnr"], "copy last prompt frame": result["baseline_psnr"],
+                       "VAE reconstruction": result["recon_psnr"]}, "held-out continuation")
+    print(f"{len(picks)} held-out clips, {args.prompt_frames} prompt frames, horizon {args.horizon}")
+    print(f"  {'step':>4s} {'psnr':>7s} {'ssim':>6s} {'copy psnr':>9s} {'copy ssim':>9s} {'vae psnr':>8s}")
+    for h in range(args.horizon):
+        print(f"  {h + 1:4d} {result['psnr'][h]:7.2f} {result['ssim'][h]:6.3f} {result['baseline_psnr'][h]:9.2f} "
+              f"{result['baseline_ssim'][h]:9.3f} {result['recon_psnr'][h]:8.2f}")
+    print(f"wrote {json_path} and {plot}")
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description="Evaluate trained world models on held-out data.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,9 +320,34 @@ def main():
     p.add_argument("--json", help="where to write the figures (default results/genie_eval.json)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clip choice and the sampling")
+    p = sub.add_parser("vae", help="reconstruction PSNR and SSIM of the ViT-VAE on held-out frames")
+    p.add_argument("data", help="frame store of 320x180 frames or a video (its held-out split is used)")
+    p.add_argument("--vae", default="models/vae2", help="the ViT-VAE model folder (default models/vae2)")
+    p.add_argument("--frames", type=positive(int), default=512,
+                   help="held-out frames, spread evenly over the split (default 512)")
+    p.add_argument("--batch_size", type=positive(int), default=32, help="frames per batch (default 32)")
+    p.add_argument("--json", help="where to write the figures (default results/vae_eval.json)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p = sub.add_parser("dit", help="continuations of held-out clips by the diffusion world model vs copying a frame")
+    p.add_argument("data", help="frame store of 320x180 frames or a video (its held-out split is used)")
+    p.add_argument("--models", default="models/", help="folder (or hub repo id) with vae2/ and dit/")
+    p.add_argument("--clips", type=positive(int), default=64, help="held-out clips, spread evenly (default 64)")
+    p.add_argument("--prompt_frames", type=positive(int), default=16, help="frames of prompt per clip (default 16)")
+    p.add_argument("--horizon", type=positive(int), default=16, help="frames generated per clip (default 16)")
+    p.add_argument("--steps", type=positive(int), default=10, help="Euler steps per frame (default 10)")
+    p.add_argument("--context_t", type=float, default=0.95, help="flow time of the context frames (default 0.95)")
+    p.add_argument("--batch_size", type=positive(int), default=8, help="clips per batch (default 8)")
+    p.add_argument("--json", help="where to write the figures (default results/dit_eval.json; the plot beside it)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt posterior samples and the noise")
     args = parser.parse_args()
-    seed_everything(args.seed)
-    evaluate_genie(args)
+    if args.command == "genie":
+        seed_everything(args.seed)
+        evaluate_genie(args)
+    elif args.command == "vae":
+        evaluate_vae(args)
+    elif args.command == "dit":
+        evaluate_dit(args)
 
 
 if __name__ == "__main__":

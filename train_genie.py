@@ -14,20 +14,17 @@ and a log of its losses to models/genie/logs/<phase>.json. The models never see 
 import argparse
 import dataclasses
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import dynamics
 import lam
 import vae
 from dataset import FrameStore, WindowDataset
 from download import collect_procgen
-from utils import UserError, WandbLog, atomic_write_text, get_device, load_model, positive, run_cli, save_model, \
-    seed_everything
+from utils import UserError, add_training_flags, get_device, load_model, positive, run_cli, seed_everything, \
+    train_loop
 
 PHASES = ["collect", "tokenizer", "lam", "dynamics"]
 DEFAULTS = {  # per preset: steps per phase, batch size, frames to collect, LAM clip length
@@ -37,50 +34,8 @@ DEFAULTS = {  # per preset: steps per phase, batch size, frames to collect, LAM 
 
 
 def train(phase, model, loss_fn, dataset, args, device):
-    """The loop every phase shares: AdamW, warmup + cosine, clipping, bf16 on CUDA; saves to --out/<phase>."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0)
-    if len(loader) == 0:
-        raise UserError(f"{phase}: {len(dataset)} training windows, fewer than --batch_size {args.batch_size}")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=0.01)
-    warmup = max(1, min(1000, args.steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1, s / args.steps))))
-    wandb = WandbLog(args.wandb, "gameworld-genie", {**vars(args), "phase": phase})
-    history, batches, started = [], iter(loader), time.time()
-    model.train()
-    bar = tqdm(range(1, args.steps + 1), desc=phase)
-    for step in bar:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, logs = loss_fn({k: v.to(device, non_blocking=True) for k, v in batch.items()})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % args.log_every == 0 or step in (1, args.steps):
-            logs = {k: (v if isinstance(v, list) else float(v)) for k, v in logs.items()}
-            history.append({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
-                            "seconds": round(time.time() - started, 2), **logs})
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not isinstance(v, list)})
-            if "code_usage" in logs:  # per-code usage of the latent actions: the first sign of collapse
-                bar.write(f"{phase} step {step}: latent action usage " +
-                          " ".join(f"{u:.0%}" for u in logs["code_usage"]))
-            wandb.log({k: v for k, v in history[-1].items() if not isinstance(v, list)}, step)
-    wandb.finish()
-    model.eval()
-    save_model(model, Path(args.out) / phase)
-    atomic_write_text(Path(args.out) / "logs" / f"{phase}.json", json.dumps(history, indent=1))
-    print(f"{phase}: saved {Path(args.out) / phase} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, {time.time() - started:.0f} s)")
-    return model
+    train_loop(model, loss_fn, dataset, args, device, Path(args.out) / phase, Path(args.out) / "logs" / f"{phase}.json",
+               name=phase, project="gameworld-genie")
 
 
 def model_config(presets, phase, args):
@@ -127,11 +82,7 @@ def main():
     parser.add_argument("--set", nargs="*", default=[], metavar="PHASE.FIELD=VALUE",
                         help="override a field of a model config, e.g. lam.context_mask=0 lam.dead_after=0 "
                              "(the ablations of the README)")
-    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes (default 2)")
-    parser.add_argument("--log_every", type=positive(int), default=25, help="steps between log lines (default 25)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
-    parser.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
+    add_training_flags(parser)
     args = parser.parse_args()
     for key, value in DEFAULTS[args.preset].items():
         if getattr(args, key) is None:
@@ -151,12 +102,12 @@ def main():
     if "tokenizer" in phases:
         store = frames_store(args)
         model = vae.Tokenizer(model_config(vae.PRESETS, "tokenizer", args)).to(device)
-        train("tokenizer", model, lambda b: model(b["frames"][:, 0]), WindowDataset(store, 1), args, device)
+        train("tokenizer", model, lambda b, step: model(b["frames"][:, 0]), WindowDataset(store, 1), args, device)
 
     if "lam" in phases:
         store = frames_store(args)
         model = lam.LatentActionModel(model_config(lam.PRESETS, "lam", args)).to(device)
-        train("lam", model, lambda b: model(b["frames"]), WindowDataset(store, args.lam_seq_len), args, device)
+        train("lam", model, lambda b, step: model(b["frames"]), WindowDataset(store, args.lam_seq_len), args, device)
 
     if "dynamics" in phases:
         store = frames_store(args)
@@ -168,7 +119,7 @@ def main():
                                      num_actions=action_model.config.num_actions, rows=rows, cols=cols)
         model = dynamics.Dynamics(config).to(device)
 
-        def loss_fn(batch):  # tokens and latent actions from the frozen earlier phases: no gradient into them
+        def loss_fn(batch, step):  # tokens and latent actions from the frozen earlier phases: no gradient into them
             frames = batch["frames"]  # (B, T, 3, 64, 64)
             with torch.no_grad():
                 tokens = tokenizer.encode(frames.flatten(0, 1)).view(*frames.shape[:2], rows, cols)

@@ -24,22 +24,34 @@ from torch import nn
 
 
 def rope_angles(positions, dim, base=10000.0):
-    """positions (L,) -> rotation angles (L, dim // 2) for any position, no table."""
+    """positions (L,) -> (cos, sin) of the rotation angles, each (L, dim // 2), for any position: no table."""
     freqs = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    return positions.float()[:, None] * freqs[None]
+    angles = positions.float()[:, None] * freqs[None]
+    return angles.cos(), angles.sin()
 
 
 def grid_angles(rows, cols, dim, device=None):
-    """2-D RoPE for a rows x cols grid, tokens in row-major order: (rows * cols, dim // 2)."""
+    """2-D RoPE for a rows x cols grid, tokens in row-major order: (cos, sin), each (rows * cols, dim // 2)."""
     r, c = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
-    return torch.cat([rope_angles(r.flatten(), dim // 2), rope_angles(c.flatten(), dim // 2)], dim=-1)
+    (row_cos, row_sin), (col_cos, col_sin) = rope_angles(r.flatten(), dim // 2), rope_angles(c.flatten(), dim // 2)
+    return torch.cat([row_cos, col_cos], dim=-1), torch.cat([row_sin, col_sin], dim=-1)
 
 
 def apply_rope(x, angles):
-    """x (..., L, K), angles (L, K // 2): rotate consecutive pairs of channels."""
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    """x (..., L, K), angles (cos, sin) each (L, K // 2): rotate consecutive pairs of channels. The cosines and sines
+    are computed once per forward pass, not once per attention layer."""
+    cos, sin = angles[0].to(x.dtype), angles[1].to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def init_linears(module):
+    """Xavier-uniform weights and zero biases for every nn.Linear inside `module` (the ViT/DiT convention)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def modulate(x, shift, scale):
@@ -56,7 +68,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, angles, causal=False, past=None):
-        """x (S, L, D); angles (L, K/2) for the L new positions; past: (k, v) each (S, H, P, K) of earlier positions.
+        """x (S, L, D); angles (cos, sin) each (L, K/2) for the L new positions; past: (k, v) each (S, H, P, K) of earlier positions.
         Returns the output (S, L, D) and this call's (k, v) including the past, for the cache."""
         q, k, v = rearrange(self.qkv(x), "s l (three h k) -> three s h l k", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
@@ -120,11 +132,7 @@ class STTransformer(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(block.modulation.weight)
             nn.init.zeros_(block.modulation.bias)

@@ -1,18 +1,24 @@
-"""Shared helpers: command-line errors, device and seeding, atomic writes, model folders, video files, wandb.
+"""Shared helpers: command-line errors, device and seeding, atomic writes, model folders, video files, wandb, and the
+training loop every training script runs.
 
 Everything here is used by more than one script; each mechanism is written once.
 """
 import contextlib
+import copy
 import io
+import json
+import math
 import os
 import random
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- command-line errors
@@ -231,3 +237,80 @@ class WandbLog:
     def finish(self):
         if self.run is not None:
             self.run.finish()
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def add_training_flags(parser):
+    """The flags every training script shares (read by train_loop)."""
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    parser.add_argument("--log_every", type=positive(int), default=25, help="steps between log lines (default 25)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
+    parser.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, project, ema_decay=None, on_log=None):
+    """Train `model` for args.steps steps and save it to `folder` (the EMA copy when ema_decay is set).
+
+    loss_fn(batch, step) -> (loss, logs) with batch a dict of tensors on `device`; `args` brings batch_size, lr,
+    steps, log_every, num_workers and wandb. AdamW, linear warmup then cosine decay, gradient clipping at 1,
+    bf16 autocast on CUDA. Every log_every steps: a progress-bar line, an entry in the JSON log at `log_path`,
+    wandb, and on_log(step, model) for the script's own images. Returns the trained model.
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        raise UserError(f"{name}: {len(dataset)} training windows, fewer than --batch_size {args.batch_size}")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=0.01)
+    warmup = max(1, min(1000, args.steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1, s / args.steps))))
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
+    wandb = WandbLog(args.wandb, project, {**vars(args), "model": name})
+    history, batches, started = [], iter(loader), time.time()
+    model.train()
+    bar = tqdm(range(1, args.steps + 1), desc=name)
+    for step in bar:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, logs = loss_fn({k: v.to(device, non_blocking=True) for k, v in batch.items()}, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            update_ema(ema, model, ema_decay)
+        if step % args.log_every == 0 or step in (1, args.steps):
+            logs = {k: (v if isinstance(v, list) else float(v)) for k, v in logs.items()}
+            history.append({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+                            "seconds": round(time.time() - started, 2), **logs})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not isinstance(v, list)})
+            if "code_usage" in logs:  # per-code usage of discrete latents: the first sign of collapse
+                bar.write(f"{name} step {step}: code usage " + " ".join(f"{u:.0%}" for u in logs["code_usage"]))
+            wandb.log({k: v for k, v in history[-1].items() if not isinstance(v, list)}, step)
+            if on_log is not None:
+                model.eval()
+                on_log(step, ema if ema is not None else model, wandb)
+                model.train()
+    wandb.finish()
+    model.eval()
+    final = ema if ema is not None else model
+    save_model(final, folder)
+    atomic_write_text(log_path, json.dumps(history, indent=1))
+    print(f"{name}: saved {folder} ({sum(p.numel() for p in final.parameters()) / 1e6:.2f}M parameters, "
+          f"{time.time() - started:.0f} s)")
+    return final

@@ -75,3 +75,22 @@ def genie(tmp_path_factory):
                  "--log_every", 5, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
+
+
+@pytest.fixture(scope="session")
+def diffusion_data(tmp_path_factory):
+    """The latent diffusion pipeline's inputs, made through the real CLIs: a 320x180 CoinRun store of 300 frames
+    (3 envs, seed 1: 4 episodes, one of them on a held-out level), a tiny ViT-VAE trained on it for 30 steps, and the
+    store's latents from `dataset.py encode`. Returns {"store", "vae", "latents"} as Paths; the VAE's reconstruction
+    picture is vae2_recon.png beside them."""
+    root = tmp_path_factory.mktemp("diffusion")
+    store, vae = root / "coinrun_wide", root / "vae2"
+    result = run("download.py", "procgen:coinrun", "--frames", 300, "--num_envs", 3, "--seed", 1, "--size", "320x180",
+                 "--out", store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run("train_vae.py", store, "--preset", "tiny", "--steps", 30, "--batch_size", 4, "--out", vae,
+                 "--samples", root / "vae2_recon.png", "--num_workers", 0, "--log_every", 10)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run("dataset.py", "encode", store, "--vae", vae, "--batch_size", 50)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"store": store, "vae": vae, "latents": root / "coinrun_wide_latents"}

@@ -1,6 +1,5 @@
 """The latent action model: shapes, causality, save/load, and that it tells planted movements apart (not collapsed)."""
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 

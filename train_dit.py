@@ -1,0 +1,121 @@
+"""Train the causal DiT of the diffusion world model on VAE latents with flow matching.
+
+  python train_dit.py videos/coinrun_wide --vae models/vae2 --preset tiny --steps 300            # CPU, minutes
+  python train_dit.py videos/z8r255LoVJc.mp4 --vae models/vae2                                    # one GPU
+  python train_dit.py videos/z8r255LoVJc_12fps_320x180_latents --vae models/vae2 --context_forcing 2
+
+DATA is a latent store (`dataset.py encode`), or a frame store or video that is encoded once with --vae and cached
+beside it. Each step draws clips of --seq_len frames from the training split, samples latents from the VAE's
+posterior (mu + sigma * eps), scales them to unit variance and takes the flow-matching loss of dit.py. The EMA of the
+weights is what lands in --out (config.json holds the latent scale, so generation needs no flags), and a log of the
+losses in logs/dit.json beside it; every --sample_every steps a continuation of a held-out clip is written to
+results/dit_sample.mp4 (prompt, then the EMA model's frames).
+"""
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dit
+from dataset import FrameStore, WindowDataset, open_latents
+from utils import UserError, add_training_flags, get_device, load_model, positive, run_cli, seed_everything, to_uint8, \
+    train_loop, write_mp4
+from vae2 import ViTVAE
+
+DEFAULTS = {  # per preset: steps, batch size, EMA decay
+    "tiny": dict(steps=300, batch_size=4, ema_decay=0.99),
+    "small": dict(steps=20_000, batch_size=32, ema_decay=0.999),
+    "default": dict(steps=100_000, batch_size=64, ema_decay=0.9999),
+}
+
+
+def sample_latents(batch, scale):
+    """A draw from the VAE posterior of each frame, scaled to unit variance: (B, T, N, C)."""
+    mu, logvar = batch["mu"], batch["logvar"]
+    return (mu + (0.5 * logvar).exp() * torch.randn_like(mu)) * scale
+
+
+def write_sample(path, vae, model, clip, prompt_frames, fps, steps=10):
+    """Encode the first prompt_frames of clip (T, 3, H, W), continue them to the clip's length, write prompt +
+    continuation as an mp4 with the true clip beside it."""
+    scale = model.config.latent_scale
+    with torch.no_grad():
+        mu, logvar = vae.encode(clip[:prompt_frames])
+        context = (mu + (0.5 * logvar).exp() * torch.randn_like(mu))[None] * scale  # (1, P, N, C)
+        generated = model.rollout(context, len(clip) - prompt_frames, steps)[0] / scale
+        decoded = vae.decode(generated)
+    video = torch.cat([clip[:prompt_frames], decoded], dim=0)
+    write_mp4(path, np.concatenate([to_uint8(clip), to_uint8(video)], axis=2), fps)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Train the diffusion world model's DiT on VAE latents.")
+    parser.add_argument("data", help="latent store, frame store (320x180) or video; frames are encoded once with --vae")
+    parser.add_argument("--vae", default="models/vae2", help="the trained ViT-VAE folder (default models/vae2)")
+    parser.add_argument("--out", default="models/dit", help="model folder to write (default models/dit)")
+    parser.add_argument("--preset", default="default", choices=list(dit.PRESETS),
+                        help="model size: tiny (CPU tests), small, default (~255M parameters)")
+    parser.add_argument("--seq_len", type=positive(int), help="frames per training clip (default 24)")
+    parser.add_argument("--steps", type=positive(int), help="training steps (tiny 300, default 100000)")
+    parser.add_argument("--batch_size", type=positive(int), help="clips per step (tiny 4, default 64)")
+    parser.add_argument("--lr", type=positive(float), default=2e-4, help="peak learning rate (default 2e-4)")
+    parser.add_argument("--ema_decay", type=float, help="EMA decay of the saved weights (tiny 0.99, default 0.9999)")
+    parser.add_argument("--self_forcing_p", type=float, default=0.25,
+                        help="probability of the seed's self-forcing per clip (noise endpoint re-estimated by the "
+                             "model, see dit.py); 0 turns it off (default 0.25)")
+    parser.add_argument("--context_forcing", type=int, default=0, metavar="R",
+                        help="replace R frames of each clip by the model's own rollout and learn to continue from "
+                             "them (0 = off, default)")
+    parser.add_argument("--rollout_steps", type=positive(int), default=4,
+                        help="Euler steps per frame of the context-forcing rollout (default 4)")
+    parser.add_argument("--sample_every", type=positive(int), default=1000,
+                        help="steps between sample videos in results/ (default 1000)")
+    add_training_flags(parser)
+    args = parser.parse_args()
+    for key, value in DEFAULTS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not 0 <= args.self_forcing_p <= 1:
+        raise UserError(f"--self_forcing_p must be in [0, 1], not {args.self_forcing_p}")
+    device = get_device(args.device)
+    seed_everything(args.seed)
+
+    # data: latents of the training split, the VAE that made them, a held-out clip for samples
+    vae = load_model(ViTVAE, args.vae, device)
+    latents = open_latents(args.data, args.vae, device)
+    config = dataclasses.replace(dit.PRESETS[args.preset], rows=vae.config.rows, cols=vae.config.cols,
+                                 latent_dim=vae.config.latent_dim, latent_scale=float(latents.scale))
+    if args.seq_len:
+        config = dataclasses.replace(config, seq_len=args.seq_len)
+    dit.check_vae(config, vae.config)
+    if not 0 <= args.context_forcing < config.seq_len - 1:
+        raise UserError(f"--context_forcing must be in [0, {config.seq_len - 2}] for --seq_len {config.seq_len}")
+    dataset = WindowDataset(latents, config.seq_len)
+    frames = FrameStore(latents.meta["frames"]) if Path(latents.meta["frames"]).is_dir() else None
+    sample_clip = None
+    if frames is not None:
+        try:  # prompt seq_len - 1 frames and continue past the training length, so that the window slides
+            held_out = WindowDataset(frames, config.seq_len + config.seq_len // 2, split="val")
+            sample_clip = held_out[len(held_out) // 2]["frames"].to(device)
+        except UserError as e:
+            print(f"no sample videos: {e}")
+
+    # model and loop
+    model = dit.DiT(config).to(device)
+
+    def loss_fn(batch, step):
+        return model(sample_latents(batch, config.latent_scale), args.self_forcing_p, args.context_forcing,
+                     args.rollout_steps)
+
+    def on_log(step, ema, wandb):
+        if sample_clip is not None and (step % args.sample_every == 0 or step == args.steps):
+            write_sample("results/dit_sample.mp4", vae, ema, sample_clip, config.seq_len - 1, frames.fps)
+
+    train_loop(model, loss_fn, dataset, args, device, Path(args.out), Path(args.out).parent / "logs" / "dit.json",
+               name="dit", project="gameworld-dit", ema_decay=args.ema_decay, on_log=on_log)
+
+
+if __name__ == "__main__":
+    run_cli(main)
