@@ -339,8 +339,9 @@ def encode(store, vae_folder, out, device, batch_size=64):
             shutil.copyfile(store.path / ACTIONS, tmp / ACTIONS)
         numbers = math.prod(shape)
         std = math.sqrt(max(total_sq / numbers - (total / numbers) ** 2, 1e-12))
-        meta = {**store.meta, "latent_shape": [c.tokens, c.latent_dim], "scale": 1 / std, "vae": str(vae_folder),
-                "vae_id": vae_id(vae_folder), "frames": str(store.path)}
+        # absolute paths: train_dit.py finds the frames behind the latents from any working directory
+        meta = {**store.meta, "latent_shape": [c.tokens, c.latent_dim], "scale": 1 / std,
+                "vae": str(Path(vae_folder).resolve()), "vae_id": vae_id(vae_folder), "frames": str(store.path.resolve())}
         write_meta(tmp, **meta)
     return LatentStore(out)
 

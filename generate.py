@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import open_frames
+from dataset import WindowDataset, open_frames
 from dit import DiT, check_vae
 from utils import UserError, get_device, load_model, positive, run_cli, to_uint8, write_gif, write_mp4
 from vae2 import ViTVAE
@@ -74,14 +74,19 @@ def main():
         raise UserError(f"{args.prompt_video} holds {store.width}x{store.height} frames; the VAE takes "
                         f"{c.width}x{c.height}")
 
-    # the prompt window, and the true continuation beside it when asked
+    # the prompt window (never across an episode boundary), and the true continuation beside it when asked
     shown = args.prompt_frames + (args.num_frames if args.side_by_side else 0)
-    last_start = min(store.count - shown, args.prompt_max_frames - args.prompt_frames)
-    if last_start < 0:
-        raise UserError(f"{args.prompt_video} has {store.count} frames at {store.fps:g} fps, fewer than the "
-                        f"{shown} needed (--prompt_frames" + (" + --num_frames with --side_by_side)" if
-                                                              args.side_by_side else ")"))
-    start = int(np.random.default_rng(args.seed).integers(0, last_start + 1))
+    needed = f"{shown} frames in one episode (--prompt_frames" + (" + --num_frames with --side_by_side)" if
+                                                                 args.side_by_side else ")")
+    try:
+        starts = WindowDataset(store, shown, split="all").starts
+    except UserError:
+        raise UserError(f"{args.prompt_video} is too short: {store.count} frames at {store.fps:g} fps, fewer than "
+                        f"{needed}") from None
+    starts = starts[starts <= args.prompt_max_frames - args.prompt_frames]
+    if len(starts) == 0:
+        raise UserError(f"the first --prompt_max_frames {args.prompt_max_frames} frames hold no {needed}")
+    start = int(np.random.default_rng(args.seed).choice(starts))
     truth = np.array(store.frames[start:start + shown])  # (T, H, W, 3) uint8
     prompt = torch.from_numpy(truth[:args.prompt_frames]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
 

@@ -24,10 +24,10 @@ from utils import UserError, add_training_flags, get_device, load_model, positiv
     train_loop, write_mp4
 from vae2 import ViTVAE
 
-DEFAULTS = {  # per preset: steps, batch size, EMA decay
-    "tiny": dict(steps=300, batch_size=4, ema_decay=0.99),
-    "small": dict(steps=20_000, batch_size=32, ema_decay=0.999),
-    "default": dict(steps=100_000, batch_size=64, ema_decay=0.9999),
+DEFAULTS = {  # per preset: steps, batch size, peak learning rate, EMA decay
+    "tiny": dict(steps=300, batch_size=4, lr=1e-3, ema_decay=0.99),
+    "small": dict(steps=20_000, batch_size=32, lr=3e-4, ema_decay=0.999),
+    "default": dict(steps=100_000, batch_size=64, lr=2e-4, ema_decay=0.9999),
 }
 
 
@@ -60,7 +60,7 @@ def main():
     parser.add_argument("--seq_len", type=positive(int), help="frames per training clip (default 24)")
     parser.add_argument("--steps", type=positive(int), help="training steps (tiny 300, default 100000)")
     parser.add_argument("--batch_size", type=positive(int), help="clips per step (tiny 4, default 64)")
-    parser.add_argument("--lr", type=positive(float), default=2e-4, help="peak learning rate (default 2e-4)")
+    parser.add_argument("--lr", type=positive(float), help="peak learning rate (tiny 1e-3, default 2e-4)")
     parser.add_argument("--ema_decay", type=float, help="EMA decay of the saved weights (tiny 0.99, default 0.9999)")
     parser.add_argument("--self_forcing_p", type=float, default=0.25,
                         help="probability of the seed's self-forcing per clip (noise endpoint re-estimated by the "
@@ -94,6 +94,8 @@ def main():
         raise UserError(f"--context_forcing must be in [0, {config.seq_len - 2}] for --seq_len {config.seq_len}")
     dataset = WindowDataset(latents, config.seq_len)
     frames = FrameStore(latents.meta["frames"]) if Path(latents.meta["frames"]).is_dir() else None
+    if frames is None:
+        print(f"no sample videos: the frame store {latents.meta['frames']} behind the latents is gone")
     sample_clip = None
     if frames is not None:
         try:  # prompt seq_len - 1 frames and continue past the training length, so that the window slides
