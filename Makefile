@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_FRAMES ?= 100000
+DEMO_WIDE_FRAMES ?= 4000
 
 .PHONY: test demo
 
@@ -24,7 +25,12 @@ test: $(VENV)/installed
 videos/coinrun/meta.json: | $(VENV)/installed
 	$(PY) download.py procgen:coinrun --frames $(DEMO_FRAMES) --out videos/coinrun --overwrite
 
-demo: $(VENV)/installed videos/coinrun/meta.json
+# The diffusion pipeline's stand-in for the Celeste footage: CoinRun rendered at 320x180.
+videos/coinrun_wide/meta.json: | $(VENV)/installed
+	$(PY) download.py procgen:coinrun --frames $(DEMO_WIDE_FRAMES) --num_envs 16 --size 320x180 \
+		--out videos/coinrun_wide --overwrite
+
+demo: $(VENV)/installed videos/coinrun/meta.json videos/coinrun_wide/meta.json
 	mkdir -p results
 	$(PY) dataset.py info videos/coinrun | tee results/coinrun_info.txt
 	$(PY) dataset.py preview videos/coinrun --frames 300 --scale 4 --out results/coinrun_preview.mp4
@@ -36,3 +42,12 @@ demo: $(VENV)/installed videos/coinrun/meta.json
 	$(PY) evaluate.py genie videos/coinrun --models models/genie --clips 64 --horizon 8 --json results/genie_eval.json
 	$(PY) play.py --models models/genie --data videos/coinrun --actions 0,1,2,3,4,5,6,7,0,1,2,3,4,5,6,7 \
 		--use_dataset_frame --output_dir results/genie_play
+	# Latent diffusion: ViT-VAE, latents, DiT at the CPU preset; evaluated on held-out levels; a continuation video.
+	$(PY) train_vae.py videos/coinrun_wide --preset tiny --out models/vae2
+	$(PY) dataset.py encode videos/coinrun_wide --vae models/vae2
+	$(PY) train_dit.py videos/coinrun_wide_latents --vae models/vae2 --preset tiny --out models/dit
+	$(PY) evaluate.py vae videos/coinrun_wide --vae models/vae2 --json results/vae2_eval.json
+	$(PY) evaluate.py dit videos/coinrun_wide --models models --clips 16 --horizon 8 --json results/dit_eval.json
+	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --num_frames 24 --side_by_side \
+		--output results/generated.mp4
+	$(PY) bench.py generate --preset tiny --json results/bench_generate_tiny.json
