@@ -9,7 +9,10 @@ beside it. Each step draws clips of --seq_len frames from the training split, sa
 posterior (mu + sigma * eps), scales them to unit variance and takes the flow-matching loss of dit.py. The EMA of the
 weights is what lands in --out (config.json holds the latent scale, so generation needs no flags), and a log of the
 losses in logs/dit.json beside it; every --sample_every steps a continuation of a held-out clip is written to
-results/dit_sample.mp4 (prompt, then the EMA model's frames).
+--samples (prompt, then the EMA model's frames).
+
+Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command continues from the
+last state in checkpoints/ beside --out and ends with the same weights as an uninterrupted run (see utils.train_loop).
 """
 import argparse
 import dataclasses
@@ -70,8 +73,10 @@ def main():
                              "them (0 = off, default)")
     parser.add_argument("--rollout_steps", type=positive(int), default=4,
                         help="Euler steps per frame of the context-forcing rollout (default 4)")
+    parser.add_argument("--samples", default="results/dit_sample.mp4",
+                        help="mp4 of a held-out continuation beside the true clip (default results/dit_sample.mp4)")
     parser.add_argument("--sample_every", type=positive(int), default=1000,
-                        help="steps between sample videos in results/ (default 1000)")
+                        help="steps between sample videos (default 1000)")
     add_training_flags(parser)
     args = parser.parse_args()
     for key, value in DEFAULTS[args.preset].items():
@@ -113,7 +118,7 @@ def main():
 
     def on_log(step, ema, wandb):
         if sample_clip is not None and (step % args.sample_every == 0 or step == args.steps):
-            write_sample("results/dit_sample.mp4", vae, ema, sample_clip, config.seq_len - 1, frames.fps)
+            write_sample(args.samples, vae, ema, sample_clip, config.seq_len - 1, frames.fps)
 
     train_loop(model, loss_fn, dataset, args, device, Path(args.out), Path(args.out).parent / "logs" / "dit.json",
                name="dit", project="gameworld-dit", ema_decay=args.ema_decay, on_log=on_log)

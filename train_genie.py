@@ -10,6 +10,10 @@ evaluate.py read them with no flags:
   models/genie/lam         lam.LatentActionModel     clip -> one latent action per transition
   models/genie/dynamics    dynamics.Dynamics         context tokens + latent action -> next frame's tokens
 and a log of its losses to models/genie/logs/<phase>.json. The models never see the true actions in the store.
+
+Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command skips the finished
+phases, continues the interrupted one from its last state in models/genie/checkpoints/<phase>/ and ends with the same
+weights as an uninterrupted run (see utils.train_loop).
 """
 import argparse
 import dataclasses

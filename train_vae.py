@@ -13,6 +13,9 @@ autoencoder first learns to reconstruct), then rises linearly over --beta_warmup
 Writes the model folder --out (config.json + model.safetensors: dataset.py encode, train_dit.py and generate.py load
 it with no flags), its loss log to logs/<name>.json beside it, and every --sample_every steps a picture of held-out
 frames (top) and their reconstructions (bottom) to --samples.
+
+Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command continues from the
+last state in checkpoints/ beside --out and ends with the same weights as an uninterrupted run (see utils.train_loop).
 """
 import argparse
 from pathlib import Path

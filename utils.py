@@ -5,12 +5,15 @@ Everything here is used by more than one script; each mechanism is written once.
 """
 import contextlib
 import copy
+import dataclasses
 import io
+import itertools
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 
@@ -27,8 +31,14 @@ class UserError(Exception):
     """A mistake in what the user asked for (bad path, bad flag value): reported in one line, exit code 2."""
 
 
+class TrainingFailed(Exception):
+    """Training cannot go on (the loss keeps diverging, the disk is full): one line, exit code 1, and the last good
+    training state left as it was."""
+
+
 def run_cli(main):
-    """Run `main()` as a command: a UserError becomes `error: ...` on stderr and exit code 2, Ctrl-C exit code 130.
+    """Run `main()` as a command: a UserError becomes `error: ...` on stderr and exit code 2, a TrainingFailed the same
+    with exit code 1, Ctrl-C exit code 130.
 
     Anything else is a bug in this codebase and keeps its traceback.
     """
@@ -37,6 +47,9 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: nothing was written under the final name", file=sys.stderr)
         sys.exit(130)
@@ -175,7 +188,7 @@ def load_model(cls, folder_or_repo, device="cpu"):
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints a line on every local load
             model = cls.from_pretrained(str(folder_or_repo), map_location=str(device), strict=True)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, SafetensorError) as e:  # missing, malformed or truncated files
         raise UserError(f"cannot load {cls.__name__} from {folder_or_repo}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()
 
@@ -218,12 +231,16 @@ def write_gif(path, frames, fps):
 class WandbLog:
     """Optional wandb logging: a no-op unless enabled; offline unless WANDB_MODE=online is set by the user."""
 
-    def __init__(self, enabled, project, config, run_dir="results"):
+    def __init__(self, enabled, project, config, run_id=None, run_dir="results"):
         self.run = None
-        if enabled:
+        if enabled:  # run_id continues the run of a resumed training
             import wandb
             os.environ.setdefault("WANDB_MODE", "offline")
-            self.run = wandb.init(project=project, config=config, dir=run_dir)
+            self.run = wandb.init(project=project, config=config, dir=run_dir, id=run_id, resume="allow")
+
+    @property
+    def run_id(self):
+        return self.run.id if self.run is not None else None
 
     def log(self, values, step):
         if self.run is not None:
@@ -241,6 +258,12 @@ class WandbLog:
 
 # ----------------------------------------------------------------------------- the training loop
 
+# Flags that may differ between a run and its resumption: they change where and how a run is watched, not its result.
+RESUMABLE_CHANGES = {"device", "num_workers", "log_every", "wandb", "save_every", "keep", "resume", "fresh",
+                     "max_bad_steps", "poison_steps", "sample_every", "samples", "data", "out", "vae", "phase", "frames",
+                     "set"}
+
+
 def add_training_flags(parser):
     """The flags every training script shares (read by train_loop)."""
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
@@ -248,6 +271,137 @@ def add_training_flags(parser):
     parser.add_argument("--log_every", type=positive(int), default=25, help="steps between log lines (default 25)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
     parser.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
+    parser.add_argument("--save_every", type=positive(int), default=1000,
+                        help="steps between training states (model, EMA, optimiser, RNGs, data position) in "
+                             "checkpoints/ beside --out; one is also written on SIGTERM or Ctrl-C (default 1000)")
+    parser.add_argument("--keep", type=positive(int), default=2, help="training states kept (default 2)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="STATE",
+                        help="continue from a training state: a step_*.pt file, a checkpoints folder, or a model "
+                             "folder (its checkpoints); alone, the latest of --out. Rerunning the same command into "
+                             "the same --out resumes anyway")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the training states of --out and start over")
+    parser.add_argument("--max_bad_steps", type=positive(int), default=20,
+                        help="non-finite losses or gradients in a row before training stops (each is skipped; "
+                             "default 20)")
+    parser.add_argument("--poison_steps", default="", metavar="S,S,...",
+                        help="testing aid: make the loss non-finite at these steps, to see the guard above at work")
+
+
+class BatchOrder(torch.utils.data.Sampler):
+    """The batches of a training run, without end: epoch e is a permutation of the dataset seeded by (seed, e), cut
+    into batches of batch_size (the remainder dropped). Batch k is the same whether the run starts at 0 or at k, so a
+    resumed run reads exactly the data the uninterrupted one would have."""
+
+    def __init__(self, size, batch_size, seed, start=0):
+        self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
+
+    def __iter__(self):
+        per_epoch, epoch, order = self.size // self.batch_size, None, None
+        for k in itertools.count(self.start):
+            if k // per_epoch != epoch:
+                epoch = k // per_epoch
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            first = (k % per_epoch) * self.batch_size
+            yield order[first:first + self.batch_size].tolist()
+
+
+def ignore_ctrl_c(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which saves a training state before it exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def rng_states():
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    key, *rest = states["numpy"]
+    np.random.set_state(("MT19937", key.numpy().astype(np.uint32), *rest))
+
+
+def states_folder(model_folder):
+    """Where the training states of a model folder live: checkpoints/<name>/ beside it (models/dit ->
+    models/checkpoints/dit), so that saving the model folder never touches them."""
+    model_folder = Path(model_folder)
+    return model_folder.parent / "checkpoints" / model_folder.name
+
+
+def training_states(folder):
+    """The step_*.pt files of a states folder, oldest first."""
+    return sorted(Path(folder).glob("step_*.pt")) if Path(folder).is_dir() else []
+
+
+def resume_path(args, folder):
+    """The training state this run continues from, or None to start afresh (see the --resume and --fresh flags)."""
+    if args.fresh:
+        if args.resume:
+            raise UserError("--fresh starts over and --resume continues: pass one of them")
+        return None
+    if args.resume in (None, "latest"):
+        states = training_states(states_folder(folder))
+        if not states and args.resume == "latest":
+            raise UserError(f"--resume: no training state in {states_folder(folder)}")
+        return states[-1] if states else None
+    path = Path(args.resume)
+    if path.is_dir() and (path / "config.json").is_file():  # a model folder: its training states
+        path = states_folder(path)
+    if path.is_dir():
+        states = training_states(path)
+        if not states:
+            raise UserError(f"--resume: no training state (step_*.pt) in {path}")
+        return states[-1]
+    if not path.is_file():
+        raise UserError(f"--resume: {path} does not exist")
+    return path
+
+
+def load_training_state(path, expected):
+    """Read a training state (torch.load with weights_only: tensors and plain values, no arbitrary objects) and check
+    that it was made by the same model and settings; `expected` holds name, model_class, config and args."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a training state")
+    except Exception as e:  # a truncated or foreign file fails in zipfile, pickle or torch with many error types
+        raise UserError(f"{path} is not a complete training state ({str(e).splitlines()[0][:120]}); resume from "
+                        f"another one with --resume STATE, or start over with --fresh") from None
+    different = []
+    for key in ("name", "model_class"):
+        if state.get(key) != expected[key]:
+            different.append(f"{key} {state.get(key)!r} there, {expected[key]!r} here")
+    for key in ("config", "args"):
+        there, here = state.get(key, {}), expected[key]
+        for field in sorted(set(there) | set(here)):
+            if there.get(field, "(unset)") != here.get(field, "(unset)"):
+                different.append(f"{field} {there.get(field, '(unset)')!r} there, {here.get(field, '(unset)')!r} here")
+    if different:
+        raise UserError(f"the training state {path} is from another run: {'; '.join(different)} (rerun with its "
+                        f"settings, or pass --fresh to start over)")
+    return state
+
+
+def save_training_state(folder, state, keep):
+    """Write state as folder/step_<step>.pt (temporary name, fsync, rename), then delete all but the newest `keep`.
+    A failed write (a full disk) leaves the earlier states as they were."""
+    path = Path(folder) / f"step_{state['step']:08d}.pt"
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        earlier = [p for p in training_states(folder) if p != path]
+        raise TrainingFailed(f"could not write the training state {path}: {str(e).splitlines()[0]}; "
+                             f"{'the last complete one, ' + str(earlier[-1]) + ', is intact' if earlier else 'none was saved before'}") from None
+    for old in training_states(folder)[:-keep]:
+        old.unlink()
+    return path
 
 
 @torch.no_grad()
@@ -260,52 +414,120 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     """Train `model` for args.steps steps and save it to `folder` (the EMA copy when ema_decay is set).
 
     loss_fn(batch, step) -> (loss, logs) with batch a dict of tensors on `device`; `args` brings batch_size, lr,
-    steps, log_every, num_workers and wandb. AdamW, linear warmup then cosine decay, gradient clipping at 1,
+    steps, seed and the flags of add_training_flags. AdamW, linear warmup then cosine decay, gradient clipping at 1,
     bf16 autocast on CUDA. Every log_every steps: a progress-bar line, an entry in the JSON log at `log_path`,
-    wandb, and on_log(step, model) for the script's own images. Returns the trained model.
+    wandb, and on_log(step, model) for the script's own images.
+
+    Every save_every steps, at the end, and on SIGTERM or Ctrl-C (then the process exits with 128 + the signal's
+    number), a training state goes to states_folder(folder): model and its buffers, EMA, optimiser, schedule, step,
+    every RNG and the log. The data position is the step (BatchOrder), so a resumed run repeats the uninterrupted
+    one exactly on CPU. A step whose loss or gradient is not finite is skipped; max_bad_steps in a row stop training.
+    Returns the trained model.
     """
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0)
-    if len(loader) == 0:
+    if len(dataset) < args.batch_size:
         raise UserError(f"{name}: {len(dataset)} training windows, fewer than --batch_size {args.batch_size}")
+    try:
+        poison = {int(s) for s in args.poison_steps.split(",") if s}
+    except ValueError:
+        raise UserError(f"--poison_steps takes step numbers separated by commas, not {args.poison_steps!r}") from None
+    expected = {"name": name, "model_class": type(model).__name__, "config": dataclasses.asdict(model.config),
+                "args": {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE_CHANGES}}
+    states = states_folder(folder)
+    resume = resume_path(args, folder)
+    state = load_training_state(resume, expected) if resume else None
+    if args.fresh and states.exists():
+        shutil.rmtree(states)
+    for leftover in states.glob(".step_*.tmp*"):  # a run killed while it was saving
+        leftover.unlink()
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.01)
     warmup = max(1, min(1000, args.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1, s / args.steps))))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay else None
-    wandb = WandbLog(args.wandb, project, {**vars(args), "model": name})
-    history, batches, started = [], iter(loader), time.time()
-    model.train()
-    bar = tqdm(range(1, args.steps + 1), desc=name)
-    for step in bar:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, logs = loss_fn({k: v.to(device, non_blocking=True) for k, v in batch.items()}, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+    history, start, bad_steps = [], 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        for key, buffer in model.named_buffers():  # non-persistent ones too (e.g. idle counters of dead-code restart)
+            buffer.copy_(state["buffers"][key])
         if ema is not None:
-            update_ema(ema, model, ema_decay)
-        if step % args.log_every == 0 or step in (1, args.steps):
-            logs = {k: (v if isinstance(v, list) else float(v)) for k, v in logs.items()}
-            history.append({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
-                            "seconds": round(time.time() - started, 2), **logs})
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not isinstance(v, list)})
-            if "code_usage" in logs:  # per-code usage of discrete latents: the first sign of collapse
-                bar.write(f"{name} step {step}: code usage " + " ".join(f"{u:.0%}" for u in logs["code_usage"]))
-            wandb.log({k: v for k, v in history[-1].items() if not isinstance(v, list)}, step)
-            if on_log is not None:
-                model.eval()
-                on_log(step, ema if ema is not None else model, wandb)
-                model.train()
+            ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        set_rng_states(state["rng"])
+        history, start, bad_steps = state["history"], state["step"], state["bad_steps"]
+        print(f"{name}: resuming from {resume} (step {start} of {args.steps})")
+    wandb = WandbLog(args.wandb, project, {**vars(args), "model": name}, run_id=state and state["wandb_id"])
+
+    def save(step):
+        return save_training_state(states, {
+            **expected, "step": step, "bad_steps": bad_steps, "history": history, "wandb_id": wandb.run_id,
+            "model": model.state_dict(), "buffers": dict(model.named_buffers()),
+            "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "rng": rng_states()}, args.keep)
+
+    # A dedicated generator keeps the DataLoader from drawing its worker seeds from the global RNG.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=BatchOrder(len(dataset), args.batch_size, args.seed,
+                                                                           start),
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_ctrl_c, generator=torch.Generator().manual_seed(0))
+    signals = []  # the signal that asked us to stop, once it came
+    handlers = {s: signal.signal(s, lambda number, frame: signals.append(number))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    started = time.time()
+    model.train()
+    try:
+        batches = iter(loader) if start < args.steps else None
+        bar = tqdm(range(start + 1, args.steps + 1), desc=name, initial=start, total=args.steps)
+        for step in bar:
+            batch = next(batches)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, logs = loss_fn({k: v.to(device, non_blocking=True) for k, v in batch.items()}, step)
+            if step in poison:
+                loss = loss * float("nan")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):  # one host sync per step
+                optimizer.step()
+                if ema is not None:
+                    update_ema(ema, model, ema_decay)
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                bar.write(f"{name} step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}: "
+                          f"step skipped ({bad_steps} in a row, --max_bad_steps {args.max_bad_steps})", file=sys.stderr)
+                if bad_steps >= args.max_bad_steps:
+                    last = training_states(states)
+                    raise TrainingFailed(f"{name}: {bad_steps} non-finite steps in a row up to step {step}; stopped. "
+                                         + (f"The last good training state is {last[-1]}" if last else
+                                            "No training state was saved yet"))
+            schedule.step()
+            if step % args.log_every == 0 or step in (start + 1, args.steps):
+                logs = {k: (v if isinstance(v, list) else float(v)) for k, v in logs.items()}
+                history.append({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
+                                "seconds": round(time.time() - started, 2), **logs})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not isinstance(v, list)})
+                if "code_usage" in logs:  # per-code usage of discrete latents: the first sign of collapse
+                    bar.write(f"{name} step {step}: code usage " + " ".join(f"{u:.0%}" for u in logs["code_usage"]))
+                wandb.log({k: v for k, v in history[-1].items() if not isinstance(v, list)}, step)
+                if on_log is not None:
+                    model.eval()
+                    on_log(step, ema if ema is not None else model, wandb)
+                    model.train()
+            if step % args.save_every == 0 or step == args.steps or signals:
+                path = save(step)
+            if signals:
+                bar.close()
+                print(f"{name}: stopped by {signal.Signals(signals[0]).name} after step {step}; training state saved "
+                      f"to {path}. Rerun the same command to continue.", file=sys.stderr)
+                sys.exit(128 + signals[0])
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if start == args.steps:
+        print(f"{name}: already trained for {args.steps} steps ({resume}); writing {folder} again")
     wandb.finish()
     model.eval()
     final = ema if ema is not None else model
