@@ -112,8 +112,8 @@ def main():
     # model and loop
     model = dit.DiT(config).to(device)
 
-    def loss_fn(batch, step):
-        return model(sample_latents(batch, config.latent_scale), args.self_forcing_p, args.context_forcing,
+    def loss_fn(net, batch, step):
+        return net(sample_latents(batch, config.latent_scale), args.self_forcing_p, args.context_forcing,
                      args.rollout_steps)
 
     def on_log(step, ema, wandb):

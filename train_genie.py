@@ -27,8 +27,8 @@ import lam
 import vae
 from dataset import FrameStore, WindowDataset
 from download import collect_procgen
-from utils import UserError, add_training_flags, get_device, load_model, positive, run_cli, seed_everything, \
-    train_loop
+from utils import UserError, add_training_flags, barrier, distributed, get_device, load_model, positive, run_cli, \
+    seed_everything, train_loop
 
 PHASES = ["collect", "tokenizer", "lam", "dynamics"]
 DEFAULTS = {  # per preset: steps per phase, batch size, frames to collect, LAM clip length
@@ -99,19 +99,20 @@ def main():
     if "collect" in phases:
         if args.phase == "all" and Path(args.data).exists():
             print(f"collect: using the existing store {args.data}")
-        else:
+        elif distributed()[0] == 0:  # under torchrun one process collects while the others wait
             collect_procgen("coinrun", Path(args.data), args.frames, num_envs=64, start_level=0, num_levels=0,
                             distribution_mode="hard", seed=args.seed, size=None, max_hold=12)
+        barrier()
 
     if "tokenizer" in phases:
         store = frames_store(args)
         model = vae.Tokenizer(model_config(vae.PRESETS, "tokenizer", args)).to(device)
-        train("tokenizer", model, lambda b, step: model(b["frames"][:, 0]), WindowDataset(store, 1), args, device)
+        train("tokenizer", model, lambda net, b, step: net(b["frames"][:, 0]), WindowDataset(store, 1), args, device)
 
     if "lam" in phases:
         store = frames_store(args)
         model = lam.LatentActionModel(model_config(lam.PRESETS, "lam", args)).to(device)
-        train("lam", model, lambda b, step: model(b["frames"]), WindowDataset(store, args.lam_seq_len), args, device)
+        train("lam", model, lambda net, b, step: net(b["frames"]), WindowDataset(store, args.lam_seq_len), args, device)
 
     if "dynamics" in phases:
         store = frames_store(args)
@@ -123,12 +124,12 @@ def main():
                                      num_actions=action_model.config.num_actions, rows=rows, cols=cols)
         model = dynamics.Dynamics(config).to(device)
 
-        def loss_fn(batch, step):  # tokens and latent actions from the frozen earlier phases: no gradient into them
+        def loss_fn(net, batch, step):  # tokens and latent actions from the frozen earlier phases: no gradient into them
             frames = batch["frames"]  # (B, T, 3, 64, 64)
             with torch.no_grad():
                 tokens = tokenizer.encode(frames.flatten(0, 1)).view(*frames.shape[:2], rows, cols)
                 actions = action_model.infer_actions(frames)  # (B, T - 1)
-            return model(tokens, actions)
+            return net(tokens, actions)
         train("dynamics", model, loss_fn, WindowDataset(store, config.context), args, device)
 
 

@@ -100,9 +100,9 @@ def main():
           f"windows of {store.path}, {config.tokens} x {config.latent_dim} latents per {config.width}x{config.height} "
           f"frame ({3 * config.height * config.width / (config.tokens * config.latent_dim):.2f}x fewer numbers)")
 
-    def loss_fn(batch, step):
+    def loss_fn(net, batch, step):
         beta = beta_at(step, args)
-        loss, logs = model(batch["frames"], beta, args.diff_weight)
+        loss, logs = net(batch["frames"], beta, args.diff_weight)
         return loss, {**logs, "beta": beta}
 
     def on_log(step, current, wandb):  # called at log steps, so pictures come at multiples of both intervals

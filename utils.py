@@ -3,9 +3,11 @@ training loop every training script runs.
 
 Everything here is used by more than one script; each mechanism is written once.
 """
+import atexit
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from tqdm import tqdm
 
@@ -80,14 +83,34 @@ def positive(kind):
 # ----------------------------------------------------------------------------- device and seeds
 
 def get_device(name=None):
-    """The device to run on: the one asked for, else cuda, then mps, then cpu."""
+    """The device to run on: the one asked for, else cuda (under torchrun the GPU of this process), then mps, then cpu."""
     if name:
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def distributed():
+    """(rank, world size) of this process. Under torchrun (WORLD_SIZE > 1) the process group is joined on the first
+    call, NCCL on GPUs and gloo on CPU; a plain `python script.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), world
+
+
+def barrier():
+    """Wait for every process of a torchrun launch (nothing to wait for otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def seed_everything(seed):
@@ -290,11 +313,14 @@ def add_training_flags(parser):
 
 class BatchOrder(torch.utils.data.Sampler):
     """The batches of a training run, without end: epoch e is a permutation of the dataset seeded by (seed, e), cut
-    into batches of batch_size (the remainder dropped). Batch k is the same whether the run starts at 0 or at k, so a
-    resumed run reads exactly the data the uninterrupted one would have."""
+    into global batches of batch_size (the remainder dropped), of which process `rank` of `world` reads its
+    1 / world share. Batch k is the same whether the run starts at 0 or at k, so a resumed run reads exactly the data
+    the uninterrupted one would have, and N processes together read what one process would."""
 
-    def __init__(self, size, batch_size, seed, start=0):
+    def __init__(self, size, batch_size, seed, start=0, rank=0, world=1):
         self.size, self.batch_size, self.seed, self.start = size, batch_size, seed, start
+        self.share = batch_size // world
+        self.offset = rank * self.share
 
     def __iter__(self):
         per_epoch, epoch, order = self.size // self.batch_size, None, None
@@ -302,8 +328,8 @@ class BatchOrder(torch.utils.data.Sampler):
             if k // per_epoch != epoch:
                 epoch = k // per_epoch
                 order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            first = (k % per_epoch) * self.batch_size
-            yield order[first:first + self.batch_size].tolist()
+            first = (k % per_epoch) * self.batch_size + self.offset
+            yield order[first:first + self.share].tolist()
 
 
 def ignore_ctrl_c(worker_id):
@@ -413,17 +439,23 @@ def update_ema(ema, model, decay):
 def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, project, ema_decay=None, on_log=None):
     """Train `model` for args.steps steps and save it to `folder` (the EMA copy when ema_decay is set).
 
-    loss_fn(batch, step) -> (loss, logs) with batch a dict of tensors on `device`; `args` brings batch_size, lr,
-    steps, seed and the flags of add_training_flags. AdamW, linear warmup then cosine decay, gradient clipping at 1,
-    bf16 autocast on CUDA. Every log_every steps: a progress-bar line, an entry in the JSON log at `log_path`,
-    wandb, and on_log(step, model) for the script's own images.
+    loss_fn(net, batch, step) -> (loss, logs): net is the model to call (under torchrun its DistributedDataParallel
+    wrapper, which averages the gradients over processes), batch a dict of tensors on `device`. `args` brings
+    batch_size (the global batch: each of N processes reads 1 / N of it), lr, steps, seed and the flags of
+    add_training_flags. AdamW, linear warmup then cosine decay, gradient clipping at 1, bf16 autocast on CUDA. Every
+    log_every steps: a progress-bar line, an entry in the JSON log at `log_path`, wandb, and on_log(step, model) for
+    the script's own images (rank 0 only, as are all logs and files).
 
     Every save_every steps, at the end, and on SIGTERM or Ctrl-C (then the process exits with 128 + the signal's
     number), a training state goes to states_folder(folder): model and its buffers, EMA, optimiser, schedule, step,
-    every RNG and the log. The data position is the step (BatchOrder), so a resumed run repeats the uninterrupted
-    one exactly on CPU. A step whose loss or gradient is not finite is skipped; max_bad_steps in a row stop training.
-    Returns the trained model.
+    every RNG of every process and the log. The data position is the step (BatchOrder), so a resumed run repeats the
+    uninterrupted one exactly on CPU. A step whose loss or gradient is not finite is skipped; max_bad_steps in a row
+    stop training. Returns the trained model.
     """
+    rank, world = distributed()
+    main = rank == 0
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} is the global batch and must divide among {world} processes")
     if len(dataset) < args.batch_size:
         raise UserError(f"{name}: {len(dataset)} training windows, fewer than --batch_size {args.batch_size}")
     try:
@@ -435,9 +467,9 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     states = states_folder(folder)
     resume = resume_path(args, folder)
     state = load_training_state(resume, expected) if resume else None
-    if args.fresh and states.exists():
+    if main and args.fresh and states.exists():
         shutil.rmtree(states)
-    for leftover in states.glob(".step_*.tmp*"):  # a run killed while it was saving
+    for leftover in states.glob(".step_*.tmp*") if main else []:  # a run killed while it was saving
         leftover.unlink()
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
@@ -455,23 +487,43 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
             ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        set_rng_states(state["rng"])
         history, start, bad_steps = state["history"], state["step"], state["bad_steps"]
-        print(f"{name}: resuming from {resume} (step {start} of {args.steps})")
-    wandb = WandbLog(args.wandb, project, {**vars(args), "model": name}, run_id=state and state["wandb_id"])
+        if len(state["rng"]) == world:
+            set_rng_states(state["rng"][rank])
+        elif main:
+            print(f"{name}: the state was saved by {len(state['rng'])} processes, this run has {world}: random "
+                  f"streams start afresh, so the result will not be bit-for-bit the uninterrupted one")
+        if main:
+            print(f"{name}: resuming from {resume} (step {start} of {args.steps})")
+    elif rank > 0:
+        seed_everything(args.seed + 1000 * rank)  # its own noise; rank 0 keeps the stream of a single-process run
+    wandb = WandbLog(args.wandb and main, project, {**vars(args), "model": name}, run_id=state and state["wandb_id"])
+    net = model
+    if world > 1:  # starts by broadcasting rank 0's parameters and buffers
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
 
     def save(step):
-        return save_training_state(states, {
-            **expected, "step": step, "bad_steps": bad_steps, "history": history, "wandb_id": wandb.run_id,
-            "model": model.state_dict(), "buffers": dict(model.named_buffers()),
-            "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "rng": rng_states()}, args.keep)
+        rngs = [rng_states()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_states())
+        path = None
+        if main:
+            path = save_training_state(states, {
+                **expected, "step": step, "bad_steps": bad_steps, "history": history, "wandb_id": wandb.run_id,
+                "model": model.state_dict(), "buffers": dict(model.named_buffers()),
+                "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "rng": rngs}, args.keep)
+        if world > 1:
+            dist.barrier()
+        return path
 
     # A dedicated generator keeps the DataLoader from drawing its worker seeds from the global RNG.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=BatchOrder(len(dataset), args.batch_size, args.seed,
-                                                                           start),
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         worker_init_fn=ignore_ctrl_c, generator=torch.Generator().manual_seed(0))
+    order = BatchOrder(len(dataset), args.batch_size, args.seed, start, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_ctrl_c,
+                                         generator=torch.Generator().manual_seed(0))
     signals = []  # the signal that asked us to stop, once it came
     handlers = {s: signal.signal(s, lambda number, frame: signals.append(number))
                 for s in (signal.SIGTERM, signal.SIGINT)}
@@ -479,32 +531,39 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     model.train()
     try:
         batches = iter(loader) if start < args.steps else None
-        bar = tqdm(range(start + 1, args.steps + 1), desc=name, initial=start, total=args.steps)
+        bar = tqdm(range(start + 1, args.steps + 1), desc=name, initial=start, total=args.steps, disable=not main)
         for step in bar:
             batch = next(batches)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, logs = loss_fn({k: v.to(device, non_blocking=True) for k, v in batch.items()}, step)
+                loss, logs = loss_fn(net, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, step)
             if step in poison:
                 loss = loss * float("nan")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):  # one host sync per step
+            # Whether to skip this step and whether to stop, agreed by all processes: the one host sync of a step.
+            flags = torch.stack([~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)),
+                                 torch.tensor(bool(signals), device=device)]).float()
+            if world > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            skip, stop = flags.tolist()
+            if not skip:
                 optimizer.step()
                 if ema is not None:
                     update_ema(ema, model, ema_decay)
                 bad_steps = 0
             else:
                 bad_steps += 1
-                bar.write(f"{name} step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}: "
-                          f"step skipped ({bad_steps} in a row, --max_bad_steps {args.max_bad_steps})", file=sys.stderr)
+                if main:
+                    bar.write(f"{name} step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}: step "
+                              f"skipped ({bad_steps} in a row, --max_bad_steps {args.max_bad_steps})", file=sys.stderr)
                 if bad_steps >= args.max_bad_steps:
                     last = training_states(states)
                     raise TrainingFailed(f"{name}: {bad_steps} non-finite steps in a row up to step {step}; stopped. "
                                          + (f"The last good training state is {last[-1]}" if last else
                                             "No training state was saved yet"))
             schedule.step()
-            if step % args.log_every == 0 or step in (start + 1, args.steps):
+            if main and (step % args.log_every == 0 or step in (start + 1, args.steps)):
                 logs = {k: (v if isinstance(v, list) else float(v)) for k, v in logs.items()}
                 history.append({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
                                 "seconds": round(time.time() - started, 2), **logs})
@@ -516,23 +575,37 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
                     model.eval()
                     on_log(step, ema if ema is not None else model, wandb)
                     model.train()
-            if step % args.save_every == 0 or step == args.steps or signals:
+            if step % args.save_every == 0 or step == args.steps or stop:
                 path = save(step)
-            if signals:
+            if stop:
                 bar.close()
-                print(f"{name}: stopped by {signal.Signals(signals[0]).name} after step {step}; training state saved "
-                      f"to {path}. Rerun the same command to continue.", file=sys.stderr)
-                sys.exit(128 + signals[0])
+                number = signals[0] if signals else signal.SIGTERM  # another process got the signal
+                if main:
+                    print(f"{name}: stopped by {signal.Signals(number).name} after step {step}; training state saved "
+                          f"to {path}. Rerun the same command to continue.", file=sys.stderr)
+                sys.exit(128 + number)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    if start == args.steps:
+    if start == args.steps and main:
         print(f"{name}: already trained for {args.steps} steps ({resume}); writing {folder} again")
     wandb.finish()
     model.eval()
     final = ema if ema is not None else model
-    save_model(final, folder)
-    atomic_write_text(log_path, json.dumps(history, indent=1))
-    print(f"{name}: saved {folder} ({sum(p.numel() for p in final.parameters()) / 1e6:.2f}M parameters, "
-          f"{time.time() - started:.0f} s)")
+    if world > 1:  # DDP keeps the processes in lockstep; prove it before trusting rank 0's copy
+        digests = [None] * world
+        dist.all_gather_object(digests, hashlib.sha256(b"".join(
+            t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() for t in final.state_dict().values()
+        )).hexdigest())
+        if len(set(digests)) > 1:
+            raise TrainingFailed(f"{name}: the weights differ between the {world} processes")
+        if main:
+            print(f"{name}: weights identical in all {world} processes")
+    if main:
+        save_model(final, folder)
+        atomic_write_text(log_path, json.dumps(history, indent=1))
+        print(f"{name}: saved {folder} ({sum(p.numel() for p in final.parameters()) / 1e6:.2f}M parameters, "
+              f"{time.time() - started:.0f} s)")
+    if world > 1:
+        dist.barrier()  # the next phase may read the folder rank 0 just wrote
     return final
