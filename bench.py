@@ -1,24 +1,62 @@
 """Speed measurements: a table on stdout and the figures as JSON. Timed tests do not exist; speed lives here.
 
+  python bench.py train --model dit --preset tiny                          # CPU, seconds
+  python bench.py train --model dit --preset default --device cuda --json results/bench_train_dit_h100.json
   python bench.py generate --preset tiny                                    # CPU, seconds
-  python bench.py generate --preset default --frames 1 --runs 1             # CPU, about 10 minutes
-  python bench.py generate --preset default --device cuda --json results/bench_generate_h100.json
+  python bench.py generate --preset default --frames 1 --runs 1             # CPU, about 5 minutes
+  python bench.py play --preset tiny                                        # Genie play steps/s
+
+train: one training step as train_loop runs it (bf16 autocast on CUDA, fp32 on CPU; loss, backward, gradient
+clipping, AdamW) on random inputs of the model's training shape. Reports the step time, samples/s, tokens/s and the
+model FLOPs utilisation: mfu = FLOPs per step / step time / peak FLOP/s. The FLOPs per step are those of the forward
+and backward pass, counted by torch.utils.flop_counter on the real model at that config (matmuls, convolutions and
+attention, causal attention counted as full; the optimiser and elementwise work are not counted); the peak is --peak_tflops, or the bf16 dense peak of
+an A100 (312 TFLOP/s) or H100 SXM (989 TFLOP/s) when the device is one; on other devices mfu is left out.
+The DiT is timed without self-forcing (its extra no-gradient forward runs on a random quarter of the clips).
 
 generate: frames/s of the DiT's autoregressive generation at --steps Euler steps per frame with a context of
 seq_len - 1 frames, with the key/value cache (each Euler step runs the new frame's 220 tokens) and without it
 (every Euler step recomputes the whole window, as the seed did), on the same randomly initialised model (speed does not
-depend on the weights). The time of a frame is measured in steady state: the context's prefill and one warm-up frame
-are excluded, and each figure is the median over --runs runs. bf16 autocast on CUDA, fp32 on CPU.
+depend on the weights). The context's prefill and one warm-up frame are excluded.
+
+play: steps/s of the Genie world (play.GenieWorld, batch 1): MaskGIT decoding of the next 16x16 token frame in
+--maskgit_steps steps with the cached context, then the tokenizer's decode to 64x64 pixels.
+
+Every figure is the median over --runs runs, after warm-up steps that are not timed.
 """
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 
+import numpy as np
 import torch
+from torch.utils import flop_counter
 
 import dit
-from utils import atomic_write_text, get_device, positive, run_cli
+import dynamics
+import lam
+import train_dit
+import train_genie
+import train_vae
+import vae
+import vae2
+from play import GenieWorld
+from utils import UserError, atomic_write_text, get_device, make_optimizer, positive, run_cli
+
+# bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
+MODELS = ["dit", "vae2", "tokenizer", "lam", "dynamics"]
+
+# torch's FLOP counter knows the CUDA attention kernels but not the CPU one: count it the same way (causal attention
+# is counted as full, as for CUDA), so that CPU and GPU figures mean the same thing.
+_cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _cpu_attention not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(_cpu_attention)(
+        lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v))
+    flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v))
 
 
 def synchronize(device):
@@ -62,9 +100,129 @@ def bench_generate(args, device):
     return result
 
 
+def training_inputs(name, preset, batch_size, device):
+    """A model at the preset and random inputs of its training shape: (model, inputs, tokens per sample)."""
+    b = batch_size
+    if name == "vae2":
+        c = vae2.PRESETS[preset]
+        return vae2.ViTVAE(c), (torch.rand(b, 1, 3, c.height, c.width, device=device) * 2 - 1,), c.tokens
+    if name == "dit":
+        c = dit.PRESETS[preset]
+        tokens = c.rows * c.cols
+        return dit.DiT(c), (torch.randn(b, c.seq_len, tokens, c.latent_dim, device=device),), c.seq_len * tokens
+    if name == "tokenizer":
+        c = vae.PRESETS[preset]
+        return vae.Tokenizer(c), (torch.rand(b, 3, c.image_size, c.image_size, device=device) * 2 - 1,), c.grid ** 2
+    if name == "lam":
+        c, t = lam.PRESETS[preset], train_genie.DEFAULTS[preset]["lam_seq_len"]
+        frames = torch.rand(b, t, 3, c.image_size, c.image_size, device=device) * 2 - 1
+        return lam.LatentActionModel(c), (frames,), t * c.grid ** 2
+    c = dynamics.PRESETS[preset]
+    tokens = torch.randint(c.vocab_size, (b, c.context, c.rows, c.cols), device=device)
+    actions = torch.randint(c.num_actions, (b, c.context - 1), device=device)
+    return dynamics.Dynamics(c), (tokens, actions), c.context * c.rows * c.cols
+
+
+def peak_tflops(args, device):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def bench_train(args, device):
+    defaults = {"vae2": train_vae.DEFAULTS, "dit": train_dit.DEFAULTS}.get(args.model, train_genie.DEFAULTS)
+    if args.preset not in defaults:
+        raise UserError(f"{args.model} has no preset {args.preset!r}; presets: {', '.join(defaults)}")
+    batch_size = args.batch_size or defaults[args.preset]["batch_size"]
+    model, inputs, tokens = training_inputs(args.model, args.preset, batch_size, device)
+    model = model.to(device).train()
+    net = torch.compile(model) if args.compile else model
+    optimizer = make_optimizer(model, 1e-4)
+
+    def step():  # what train_loop does per step, minus logging and the finite check
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = net(*inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    times = []
+    for _ in range(args.runs):
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        synchronize(device)
+        times.append((time.perf_counter() - started) / args.steps)
+    seconds = statistics.median(times)
+    peak = peak_tflops(args, device)
+    result = {"model": args.model, "preset": args.preset, "device": str(device), "compile": args.compile,
+              "params": sum(p.numel() for p in model.parameters()), "batch_size": batch_size,
+              "step_ms": 1000 * seconds, "samples_per_s": batch_size / seconds,
+              "tokens_per_s": batch_size * tokens / seconds, "flops_per_step": flops,
+              "achieved_tflops": flops / seconds / 1e12, "peak_tflops": peak,
+              "mfu": flops / seconds / (peak * 1e12) if peak else None}
+    print(f"train {args.model} {args.preset} ({result['params'] / 1e6:.1f}M parameters) on {device}, batch "
+          f"{batch_size}{', compiled' if args.compile else ''}")
+    print(f"  step {result['step_ms']:.1f} ms, {result['samples_per_s']:.1f} samples/s, "
+          f"{result['tokens_per_s']:.0f} tokens/s, {flops / 1e9:.1f} GFLOP per step (forward + backward), "
+          f"{result['achieved_tflops']:.3f} TFLOP/s, MFU "
+          + (f"{100 * result['mfu']:.1f} % of {peak} TFLOP/s" if peak else "n/a (no known peak: --peak_tflops)"))
+    return result
+
+
+def bench_play(args, device):
+    tokenizer = vae.Tokenizer(vae.PRESETS[args.preset]).to(device).eval()
+    grid = tokenizer.config.grid
+    config = dataclasses.replace(dynamics.PRESETS[args.preset], vocab_size=tokenizer.config.num_codes, rows=grid,
+                                 cols=grid)
+    world = GenieWorld(tokenizer, dynamics.Dynamics(config).to(device).eval(), args.maskgit_steps)
+    size = tokenizer.config.image_size
+    rates = []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for run in range(args.runs):
+            world.reset(np.zeros((1, size, size, 3), np.uint8))
+            for _ in range(args.warmup):
+                world.step([run % config.num_actions])
+            started = time.perf_counter()
+            for k in range(args.steps):
+                world.step([k % config.num_actions])  # returns uint8 pixels: the host copy synchronises
+            rates.append(args.steps / (time.perf_counter() - started))
+    result = {"preset": args.preset, "device": str(device), "maskgit_steps": args.maskgit_steps,
+              "context": config.context, "params": sum(p.numel() for p in world.dynamics.parameters()),
+              "steps_per_s": statistics.median(rates)}
+    print(f"play {args.preset} on {device}: {result['steps_per_s']:.1f} steps/s ({1000 / result['steps_per_s']:.1f} "
+          f"ms per step, {args.maskgit_steps} MaskGIT steps, context {config.context}, batch 1, decode included)")
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description="Benchmark the models: prints a table, writes JSON with --json.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="training step time, samples/s, tokens/s and MFU of one model")
+    p.add_argument("--model", default="dit", choices=MODELS, help="which model (default dit)")
+    p.add_argument("--preset", default="tiny", help="model size: tiny or default (small too for the DiT)")
+    p.add_argument("--batch_size", type=positive(int), help="default: the training script's for that preset")
+    p.add_argument("--steps", type=positive(int), default=5, help="timed steps per run (default 5)")
+    p.add_argument("--warmup", type=positive(int), default=2, help="untimed steps first (default 2)")
+    p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    p.add_argument("--peak_tflops", type=positive(float), help="the device's peak, for MFU (A100/H100 known)")
+    p = sub.add_parser("play", help="Genie play steps/s (MaskGIT decoding of the next frame + pixel decode)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "default"], help="model sizes (default tiny)")
+    p.add_argument("--maskgit_steps", type=positive(int), default=8, help="decoding steps per frame (default 8)")
+    p.add_argument("--steps", type=positive(int), default=20, help="timed play steps per run (default 20)")
+    p.add_argument("--warmup", type=positive(int), default=3, help="untimed steps first (default 3)")
+    p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
     p = sub.add_parser("generate", help="DiT generation frames/s with and without the key/value cache")
     p.add_argument("--preset", default="tiny", choices=list(dit.PRESETS), help="DiT size (default tiny)")
     p.add_argument("--steps", type=positive(int), default=10, help="Euler steps per frame (default 10)")
@@ -76,7 +234,7 @@ def main():
     args = parser.parse_args()
     device = get_device(args.device)
     torch.manual_seed(0)
-    result = bench_generate(args, device)
+    result = {"train": bench_train, "play": bench_play, "generate": bench_generate}[args.command](args, device)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
         print(f"wrote {args.json}")

@@ -89,6 +89,8 @@ def get_device(name=None):
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast: TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
         return device
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
@@ -282,7 +284,7 @@ class WandbLog:
 # ----------------------------------------------------------------------------- the training loop
 
 # Flags that may differ between a run and its resumption: they change where and how a run is watched, not its result.
-RESUMABLE_CHANGES = {"device", "num_workers", "log_every", "wandb", "save_every", "keep", "resume", "fresh",
+RESUMABLE_CHANGES = {"device", "compile", "num_workers", "log_every", "wandb", "save_every", "keep", "resume", "fresh",
                      "max_bad_steps", "poison_steps", "sample_every", "samples", "data", "out", "vae", "phase", "frames",
                      "set"}
 
@@ -294,6 +296,8 @@ def add_training_flags(parser):
     parser.add_argument("--log_every", type=positive(int), default=25, help="steps between log lines (default 25)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
     parser.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (off by default until its speed-up is measured on a GPU)")
     parser.add_argument("--save_every", type=positive(int), default=1000,
                         help="steps between training states (model, EMA, optimiser, RNGs, data position) in "
                              "checkpoints/ beside --out; one is also written on SIGTERM or Ctrl-C (default 1000)")
@@ -332,9 +336,11 @@ class BatchOrder(torch.utils.data.Sampler):
             yield order[first:first + self.share].tolist()
 
 
-def ignore_ctrl_c(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, which saves a training state before it exits."""
+def leave_signals_to_main(worker_id):
+    """DataLoader workers ignore Ctrl-C and SIGTERM (which a terminal or a job scheduler sends to every process) and
+    leave them to the main process, which saves a training state before it exits; workers end with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def rng_states():
@@ -430,6 +436,12 @@ def save_training_state(folder, state, keep):
     return path
 
 
+def make_optimizer(model, lr):
+    """The AdamW of every training script; on CUDA its fused kernel (one launch for all parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01, fused=params[0].is_cuda)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -472,8 +484,7 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     for leftover in states.glob(".step_*.tmp*") if main else []:  # a run killed while it was saving
         leftover.unlink()
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=0.01)
+    optimizer = make_optimizer(model, args.lr)
     warmup = max(1, min(1000, args.steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1, s / args.steps))))
@@ -502,6 +513,8 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     if world > 1:  # starts by broadcasting rank 0's parameters and buffers
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
+    if args.compile:
+        net = torch.compile(net)
 
     def save(step):
         rngs = [rng_states()]
@@ -522,7 +535,7 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     # A dedicated generator keeps the DataLoader from drawing its worker seeds from the global RNG.
     order = BatchOrder(len(dataset), args.batch_size, args.seed, start, rank, world)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=args.num_workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_ctrl_c,
+                                         pin_memory=device.type == "cuda", worker_init_fn=leave_signals_to_main,
                                          generator=torch.Generator().manual_seed(0))
     signals = []  # the signal that asked us to stop, once it came
     handlers = {s: signal.signal(s, lambda number, frame: signals.append(number))

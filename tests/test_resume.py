@@ -53,8 +53,9 @@ def reference(data, tmp_path_factory):
 
 
 def start(argv):
+    """The training as a process group of its own, as a job scheduler runs it (DataLoader workers included)."""
     return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for_state(process, out, deadline=300):
@@ -86,7 +87,7 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(kind, dat
     delay = random.uniform(0, 1.5)
     time.sleep(delay)
     assert process.poll() is None, f"the run ended before the kill ({delay:.2f} s after its first state)"
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     assert_resumes_to_reference(kind, data, tmp_path, reference)
@@ -97,7 +98,7 @@ def test_sigterm_saves_a_state_then_resume_gives_the_same_weights(kind, data, re
     argv, _ = command(kind, data, tmp_path)
     process = start(argv)
     wait_for_state(process, tmp_path)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)  # to every process of the job, as a scheduler pre-empting it does
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
