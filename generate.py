@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dataset import WindowDataset, open_frames
 from dit import DiT, check_vae
-from utils import UserError, get_device, load_model, positive, run_cli, to_uint8, write_gif, write_mp4
+from utils import UserError, first_line, get_device, load_model, positive, run_cli, to_uint8, write_gif, write_mp4
 from vae2 import ViTVAE
 
 
@@ -36,7 +36,7 @@ def model_folder(models):
     try:
         return Path(snapshot_download(str(models)))
     except Exception as e:  # network, unknown repo, no access: all reported the same way
-        raise UserError(f"cannot get {models} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot get {models} from the Hugging Face hub: {first_line(e)}") from None
 
 
 def load_world(models, device):

@@ -58,6 +58,11 @@ def run_cli(main):
         sys.exit(130)
 
 
+def first_line(error):
+    """What an exception says, in one line: for `error: ...` messages that must stay one line."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
 def parse_size(text):
     """'320x180' -> (width, height), the order ffmpeg and OpenCV use on the command line."""
     try:
@@ -214,7 +219,7 @@ def load_model(cls, folder_or_repo, device="cpu"):
         with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints a line on every local load
             model = cls.from_pretrained(str(folder_or_repo), map_location=str(device), strict=True)
     except (OSError, ValueError, TypeError, SafetensorError) as e:  # missing, malformed or truncated files
-        raise UserError(f"cannot load {cls.__name__} from {folder_or_repo}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load {cls.__name__} from {folder_or_repo}: {first_line(e)}") from None
     return model.to(device).eval()
 
 
@@ -403,8 +408,8 @@ def load_training_state(path, expected):
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("not a training state")
     except Exception as e:  # a truncated or foreign file fails in zipfile, pickle or torch with many error types
-        raise UserError(f"{path} is not a complete training state ({str(e).splitlines()[0][:120]}); resume from "
-                        f"another one with --resume STATE, or start over with --fresh") from None
+        raise UserError(f"{path} is not a complete training state ({first_line(e)[:120]}); resume from another "
+                        f"one with --resume STATE, or start over with --fresh") from None
     different = []
     for key in ("name", "model_class"):
         if state.get(key) != expected[key]:
@@ -429,8 +434,8 @@ def save_training_state(folder, state, keep):
             torch.save(state, tmp)
     except (OSError, RuntimeError) as e:
         earlier = [p for p in training_states(folder) if p != path]
-        raise TrainingFailed(f"could not write the training state {path}: {str(e).splitlines()[0]}; "
-                             f"{'the last complete one, ' + str(earlier[-1]) + ', is intact' if earlier else 'none was saved before'}") from None
+        kept = f"the last complete one, {earlier[-1]}, is intact" if earlier else "none was saved before"
+        raise TrainingFailed(f"could not write the training state {path}: {first_line(e)}; {kept}") from None
     for old in training_states(folder)[:-keep]:
         old.unlink()
     return path
