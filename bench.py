@@ -6,12 +6,14 @@
   python bench.py generate --preset default --frames 1 --runs 1             # CPU, about 5 minutes
   python bench.py play --preset tiny                                        # Genie play steps/s
 
-train: one training step as train_loop runs it (bf16 autocast on CUDA, fp32 on CPU; loss, backward, gradient
-clipping, AdamW) on random inputs of the model's training shape. Reports the step time, samples/s, tokens/s and the
-model FLOPs utilisation: mfu = FLOPs per step / step time / peak FLOP/s. The FLOPs per step are those of the forward
-and backward pass, counted by torch.utils.flop_counter on the real model at that config (matmuls, convolutions and
-attention, causal attention counted as full; the optimiser and elementwise work are not counted); the peak is --peak_tflops, or the bf16 dense peak of
-an A100 (312 TFLOP/s) or H100 SXM (989 TFLOP/s) when the device is one; on other devices mfu is left out.
+train: one training step as train_loop runs it (utils.train_step: bf16 autocast on CUDA, fp32 on CPU; loss,
+backward, gradient clipping, the finite check, fused AdamW) on random inputs of the model's training shape. Reports
+the step time, samples/s, tokens/s and the model FLOPs utilisation: mfu = FLOPs per step / step time / peak FLOP/s.
+The FLOPs per step are those of the forward and backward pass, counted by torch.utils.flop_counter on the real model
+at that config (matmuls, convolutions and attention, causal attention counted as full; the optimiser and elementwise
+work are not counted); the peak is --peak_tflops, or the bf16 dense peak of an A100 (312 TFLOP/s) or H100 SXM
+(989 TFLOP/s) when the device is one; on other devices mfu is left out. On CUDA it also counts the host syncs of one
+step (`host_syncs_per_step`, the operations torch's sync debug mode flags; the design is 0).
 The DiT is timed without self-forcing (its extra no-gradient forward runs on a random quarter of the clips).
 
 generate: frames/s of the DiT's autoregressive generation at --steps Euler steps per frame with a context of
@@ -29,6 +31,7 @@ import dataclasses
 import json
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -43,7 +46,7 @@ import train_vae
 import vae
 import vae2
 from play import GenieWorld
-from utils import UserError, atomic_write_text, get_device, make_optimizer, positive, run_cli
+from utils import UserError, atomic_write_text, get_device, make_optimizer, positive, run_cli, train_step
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -142,16 +145,12 @@ def bench_train(args, device):
     net = torch.compile(model) if args.compile else model
     optimizer = make_optimizer(model, 1e-4)
 
-    def step():  # what train_loop does per step, minus logging and the finite check
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = net(*inputs)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    def step():  # train_loop's step, without the data loader and the logging
+        train_step(net, model, optimizer, lambda net, batch, step: net(*batch), inputs, 0, device)
 
     for _ in range(args.warmup):
         step()
+    syncs = host_syncs(step) if device.type == "cuda" else None
     with flop_counter.FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
@@ -170,14 +169,27 @@ def bench_train(args, device):
               "step_ms": 1000 * seconds, "samples_per_s": batch_size / seconds,
               "tokens_per_s": batch_size * tokens / seconds, "flops_per_step": flops,
               "achieved_tflops": flops / seconds / 1e12, "peak_tflops": peak,
-              "mfu": flops / seconds / (peak * 1e12) if peak else None}
+              "mfu": flops / seconds / (peak * 1e12) if peak else None, "host_syncs_per_step": syncs}
     print(f"train {args.model} {args.preset} ({result['params'] / 1e6:.1f}M parameters) on {device}, batch "
           f"{batch_size}{', compiled' if args.compile else ''}")
     print(f"  step {result['step_ms']:.1f} ms, {result['samples_per_s']:.1f} samples/s, "
           f"{result['tokens_per_s']:.0f} tokens/s, {flops / 1e9:.1f} GFLOP per step (forward + backward), "
           f"{result['achieved_tflops']:.3f} TFLOP/s, MFU "
-          + (f"{100 * result['mfu']:.1f} % of {peak} TFLOP/s" if peak else "n/a (no known peak: --peak_tflops)"))
+          + (f"{100 * result['mfu']:.1f} % of {peak} TFLOP/s" if peak else "n/a (no known peak: --peak_tflops)")
+          + (f", {syncs} host syncs per step" if syncs is not None else ""))
     return result
+
+
+def host_syncs(step):
+    """How many times one CUDA training step makes the host wait for the GPU, by torch's sync debug mode."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def bench_play(args, device):

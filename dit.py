@@ -107,13 +107,14 @@ class DiT(nn.Module, PyTorchModelHubMixin):
             frame_weight[:, prefix:prefix + context_forcing] = 0  # no target for the model's own frames
         x0 = torch.randn_like(x1)
         if self_forcing_p > 0:
-            chosen = torch.rand(b, device=x1.device) < self_forcing_p
+            # Drawn on the host, which can then skip the extra forward pass without waiting for the GPU.
+            chosen = torch.rand(b) < self_forcing_p
             if chosen.any():
                 with torch.no_grad():
                     m = torch.rand(b, t_len, device=x1.device)
                     mid = (1 - m[..., None, None]) * x0 + m[..., None, None] * x1
                     back = mid - m[..., None, None] * self.velocity(mid, m).to(x1.dtype)
-                x0 = torch.where(chosen[:, None, None, None], back, x0)
+                x0 = torch.where(chosen.to(x1.device, non_blocking=True)[:, None, None, None], back, x0)
         t = torch.rand(b, t_len, device=x1.device)
         xt = (1 - t[..., None, None]) * x0 + t[..., None, None] * x1
         error = (self.velocity(xt, t).float() - (x1 - x0).float()).pow(2).mean(dim=(2, 3))  # (B, T)

@@ -76,8 +76,10 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         ratio[:, 0] = 0  # the first frame is the given context
         mask = torch.rand(target.shape, device=tokens.device) < ratio  # (B, T, N)
         logits = self.head(self.hidden(target.masked_fill(mask, self.mask_token), self.frame_conditions(actions)))
-        loss = F.cross_entropy(logits[mask], target[mask])
-        accuracy = (logits[mask].argmax(-1) == target[mask]).float().mean()
+        # Means over the masked tokens as weighted sums: indexing with the mask would give a shape only the GPU knows.
+        weight = mask.float() / mask.sum().clamp_min(1)  # (B, T, N)
+        loss = (F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none") * weight.flatten()).sum()
+        accuracy = ((logits.argmax(-1) == target).float() * weight).sum()
         return loss, {"ce": loss.detach(), "acc": accuracy.detach()}
 
     # ------------------------------------------------------------------------- sampling

@@ -34,7 +34,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from transformer import STTransformer
-from vae import VectorQuantizer
+from vae import VectorQuantizer, code_counts
 
 
 @dataclass
@@ -127,9 +127,9 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         usage_loss = (average * average.clamp_min(1e-12).log()).sum() + math.log(c.num_actions)
 
         loss = recon + vq_loss + c.usage_weight * usage_loss
-        code_usage = torch.bincount(indices.flatten(), minlength=c.num_actions) / indices.numel()  # (K,)
-        logs = {"recon": error.mean().item(), "vq": vq_loss.item(), "usage_loss": usage_loss.item(), **stats,
-                "code_usage": code_usage.tolist()}
+        code_usage = code_counts(indices, c.num_actions) / indices.numel()  # (K,)
+        logs = {"recon": error.mean().detach(), "vq": vq_loss.detach(), "usage_loss": usage_loss.detach(), **stats,
+                "code_usage": code_usage}
         return loss, logs
 
     @torch.no_grad()

@@ -442,15 +442,57 @@ def save_training_state(folder, state, keep):
 
 
 def make_optimizer(model, lr):
-    """The AdamW of every training script; on CUDA its fused kernel (one launch for all parameters)."""
+    """The AdamW of every training script, fused: one kernel for all parameters, which can also skip the update on a
+    flag that stays on the device (train_step)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01, fused=params[0].is_cuda)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
+def update_ema(ema, model, weight):
+    """ema <- ema + weight * (model - ema); weight a float or a 0-dim tensor on the device."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p, weight)
+
+
+def train_step(net, model, optimizer, loss_fn, batch, step, device, ema=None, ema_decay=None, poisoned=False,
+               stop=False):
+    """One optimisation step that never makes the host wait for the device -> (loss, grad_norm, logs, flags).
+
+    Forward under bf16 autocast on CUDA, backward, gradient clipping at 1, AdamW, EMA. flags (2,) float on the device:
+    [the loss or the gradient was not finite, some process asked to stop (stop is this one's answer)], the maximum
+    over processes under torchrun. A non-finite step is skipped on the device: the fused AdamW leaves weights, moments
+    and its step count alone when its found_inf is 1, and the EMA moves by 0. The host reads the flags later
+    (train_loop, one step behind), so it keeps queueing work while the device computes. poisoned makes the loss NaN
+    (a test's fault).
+    """
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, logs = loss_fn(net, batch, step)
+    if poisoned:
+        loss = loss * float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    flags = torch.stack([~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)),
+                         torch.full((), stop, device=device)]).float()  # full: a fill kernel, no copy from the host
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    optimizer.found_inf = flags[0]
+    optimizer.step()
+    if ema is not None:
+        update_ema(ema, model, (1 - ema_decay) * (1 - flags[0]))
+    return loss.detach(), grad_norm, logs, flags
+
+
+def copy_to_host(tensor):
+    """Start copying a device tensor to the host without waiting -> read(), which returns it as a list when called
+    (on CUDA it waits for the copy, long done if called a step later)."""
+    if tensor.device.type != "cuda":
+        return tensor.tolist
+    host = tensor.to("cpu", non_blocking=True)  # into pinned memory
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: (done.synchronize(), host.tolist())[1]
 
 
 def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, project, ema_decay=None, on_log=None):
@@ -467,7 +509,9 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     number), a training state goes to states_folder(folder): model and its buffers, EMA, optimiser, schedule, step,
     every RNG of every process and the log. The data position is the step (BatchOrder), so a resumed run repeats the
     uninterrupted one exactly on CPU. A step whose loss or gradient is not finite is skipped; max_bad_steps in a row
-    stop training. Returns the trained model.
+    stop training. The host reads each step's flags one step later (train_step), except at log and save steps and
+    the last, where it catches up; every process does the same, so all stop at the same step. Returns the trained
+    model.
     """
     rank, world = distributed()
     main = rank == 0
@@ -543,6 +587,7 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
                                          pin_memory=device.type == "cuda", worker_init_fn=leave_signals_to_main,
                                          generator=torch.Generator().manual_seed(0))
     signals = []  # the signal that asked us to stop, once it came
+    unread = []  # (step, loss, gradient norm, read() of its flags) of steps whose flags the host has not read yet
     handlers = {s: signal.signal(s, lambda number, frame: signals.append(number))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     started = time.time()
@@ -550,39 +595,30 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     try:
         batches = iter(loader) if start < args.steps else None
         bar = tqdm(range(start + 1, args.steps + 1), desc=name, initial=start, total=args.steps, disable=not main)
+        stop = False
         for step in bar:
-            batch = next(batches)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss, logs = loss_fn(net, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, step)
-            if step in poison:
-                loss = loss * float("nan")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            # Whether to skip this step and whether to stop, agreed by all processes: the one host sync of a step.
-            flags = torch.stack([~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)),
-                                 torch.tensor(bool(signals), device=device)]).float()
-            if world > 1:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            skip, stop = flags.tolist()
-            if not skip:
-                optimizer.step()
-                if ema is not None:
-                    update_ema(ema, model, ema_decay)
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                if main:
-                    bar.write(f"{name} step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}: step "
-                              f"skipped ({bad_steps} in a row, --max_bad_steps {args.max_bad_steps})", file=sys.stderr)
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            loss, grad_norm, logs, flags = train_step(net, model, optimizer, loss_fn, batch, step, device, ema,
+                                                      ema_decay, poisoned=step in poison, stop=bool(signals))
+            schedule.step()
+            unread.append((step, loss, grad_norm, copy_to_host(flags)))
+            log_now = step % args.log_every == 0 or step in (start + 1, args.steps)
+            while len(unread) > (0 if log_now or step % args.save_every == 0 or step == args.steps else 1):
+                bad_step, bad_loss, bad_norm, read = unread.pop(0)
+                skipped, stopping = read()
+                stop = stop or bool(stopping)
+                bad_steps = bad_steps + 1 if skipped else 0
+                if skipped and main:
+                    bar.write(f"{name} step {bad_step}: loss {bad_loss.item():.4g}, gradient norm {bad_norm.item():.4g}"
+                              f": step skipped ({bad_steps} in a row, --max_bad_steps {args.max_bad_steps})",
+                              file=sys.stderr)
                 if bad_steps >= args.max_bad_steps:
                     last = training_states(states)
-                    raise TrainingFailed(f"{name}: {bad_steps} non-finite steps in a row up to step {step}; stopped. "
-                                         + (f"The last good training state is {last[-1]}" if last else
-                                            "No training state was saved yet"))
-            schedule.step()
-            if main and (step % args.log_every == 0 or step in (start + 1, args.steps)):
-                logs = {k: (v if isinstance(v, list) else float(v)) for k, v in logs.items()}
+                    raise TrainingFailed(f"{name}: {bad_steps} non-finite steps in a row up to step {bad_step}; "
+                                         "stopped. " + (f"The last good training state is {last[-1]}" if last else
+                                                        "No training state was saved yet"))
+            if main and log_now:
+                logs = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in logs.items()}
                 history.append({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0],
                                 "seconds": round(time.time() - started, 2), **logs})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if not isinstance(v, list)})

@@ -15,6 +15,7 @@ Three measures, after ViT-VQGAN (Yu et al. 2021) and jafar:
   - usage and perplexity are measured on every batch, so a collapse shows in the training log as it happens.
 Under torch.distributed the usage counts are summed over ranks and the restart points come from rank 0, so every
 rank keeps the same codebook; every rank must then call a training-mode forward the same number of times.
+Nothing here waits for the GPU (no .item(), no data-dependent shapes), so a training step runs without a host sync.
 """
 from dataclasses import dataclass, field
 
@@ -82,27 +83,34 @@ class VectorQuantizer(nn.Module):
         loss = F.mse_loss(codes, z.detach()) + self.commitment * F.mse_loss(z, codes.detach())
         quantized = z + (codes - z).detach()  # the codes' values, z's gradient (straight-through)
 
-        counts = torch.bincount(indices.flatten(), minlength=len(self.idle)).float()  # (n,)
+        counts = code_counts(indices, len(self.idle)).float()  # (n,)
         if self.training:
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(counts)
             self.idle += 1
-            self.idle[counts > 0] = 0
+            self.idle.masked_fill_(counts > 0, 0)
         probs = counts / counts.sum()
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-        stats = {"usage": (counts > 0).float().mean().item(), "perplexity": entropy.exp().item()}
+        stats = {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
         return quantized, indices, loss, stats
 
     @torch.no_grad()
     def restart_dead(self, z):  # z (N, d) normalised encoder outputs of this batch
-        dead = (self.idle >= self.dead_after).nonzero().squeeze(1)  # (k,)
-        if len(dead) == 0:
-            return
-        points = z[torch.randint(len(z), (len(dead),), device=z.device)]  # (k, d)
+        # A candidate point for every code and a masked copy: the same work whether 0 or 100 codes are dead, so the
+        # host never has to ask the GPU how many are.
+        dead = self.idle >= self.dead_after  # (n,)
+        points = z[torch.randint(len(z), (len(dead),), device=z.device)]  # (n, d)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(points, src=0)
-        self.codebook[dead] = points.to(self.codebook.dtype)
-        self.idle[dead] = 0
+        self.codebook.copy_(torch.where(dead[:, None], points.to(self.codebook.dtype), self.codebook))
+        self.idle.masked_fill_(dead, 0)
+
+
+def code_counts(indices, num_codes):
+    """How often each code occurs in indices (any shape) -> (num_codes,) int64. torch.bincount would ask the GPU for
+    the largest index first (a host sync); a scatter into a fixed-size array does not."""
+    flat = indices.flatten()
+    return torch.zeros(num_codes, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 # ----------------------------------------------------------------------------- encoder and decoder
@@ -170,4 +178,4 @@ class Tokenizer(nn.Module, PyTorchModelHubMixin):
         quantized, _, vq_loss, stats = self.vq(z)
         recon = self.decoder(rearrange(quantized, "b h w d -> b d h w"))  # (b, 3, H, W)
         recon_loss = F.mse_loss(recon, frames)
-        return recon_loss + vq_loss, {"recon": recon_loss.item(), "vq": vq_loss.item(), **stats}
+        return recon_loss + vq_loss, {"recon": recon_loss.detach(), "vq": vq_loss.detach(), **stats}

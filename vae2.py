@@ -15,7 +15,6 @@ per-patch posterior mean and log-variance. Decoder: latent -> ViT blocks (twice 
 -> per-patch pixels -> a small residual conv refinement across patch borders (hides the seams) -> tanh.
 Loss: pixel MSE + beta * KL (mean over latent numbers) + optional frame-difference MSE between consecutive frames.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -161,11 +160,12 @@ class ViTVAE(nn.Module, PyTorchModelHubMixin):
         loss = mse + beta * kl
         # PSNR of the batch's mean error, on [0, 1] images (the [-1, 1] range doubles the error, hence 4 / mse);
         # the std of mu is what the DiT's latent scale will undo, so its drift is worth watching
-        logs = {"mse": mse.item(), "kl": kl.item(), "psnr": 10 * math.log10(4 / max(mse.item(), 1e-10)),
-                "mu_std": mu.std().item()}
+        # (all tensors: reading them would make the host wait for the GPU; train_loop reads them when it logs)
+        logs = {"mse": mse.detach(), "kl": kl.detach(), "psnr": 10 * torch.log10(4 / mse.detach().clamp_min(1e-10)),
+                "mu_std": mu.detach().std()}
         if diff_weight > 0:
             recon = rearrange(recon, "(b t) c h w -> b t c h w", b=b)
             diff = F.mse_loss((recon[:, 1] - recon[:, 0]).float(), (frames[:, 1] - frames[:, 0]).float())
             loss = loss + diff_weight * diff
-            logs["diff"] = diff.item()
+            logs["diff"] = diff.detach()
         return loss, logs

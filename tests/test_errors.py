@@ -113,15 +113,21 @@ def test_store_that_disagrees_with_its_meta_is_refused(coinrun, tmp_path, how, m
 
 def test_ctrl_c_during_collection_leaves_no_store(tmp_path):
     out = tmp_path / "coinrun"
+    # PYTHONFAULTHANDLER: should the collector ever hang after the interrupt, SIGABRT makes it print where
     process = subprocess.Popen([sys.executable, "download.py", "procgen:coinrun", "--frames", "5000000",
-                                "--num_envs", "16", "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                                "--num_envs", "16", "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     deadline = time.time() + 60
     while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):  # collection has started writing
         assert time.time() < deadline and process.poll() is None, "collector did not start"
         time.sleep(0.2)
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        pytest.fail("still running 120 s after SIGINT; its threads:\n" + process.communicate()[1][-4000:])
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr.strip().splitlines()[-1]
     assert not out.exists() and not list(tmp_path.iterdir())

@@ -89,7 +89,7 @@ def test_forward_logs_and_gradients():
     loss.backward()
     assert {"recon", "vq", "usage_loss", "usage", "perplexity", "code_usage"} <= logs.keys()
     assert len(logs["code_usage"]) == 8 and abs(sum(logs["code_usage"]) - 1) < 1e-6
-    assert all(isinstance(v, float) for k, v in logs.items() if k != "code_usage")
+    assert all(torch.is_tensor(v) and not v.requires_grad for v in logs.values())  # read only when logging
     assert model.enc_embed.weight.grad.abs().sum() > 0  # the encoder learns through the straight-through codes
 
 
