@@ -46,7 +46,7 @@ import train_vae
 import vae
 import vae2
 from play import GenieWorld
-from utils import UserError, atomic_write_text, get_device, make_optimizer, positive, run_cli, train_step
+from utils import UserError, atomic_write_text, autocast, get_device, make_optimizer, positive, run_cli, train_step
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -88,7 +88,7 @@ def bench_generate(args, device):
     context = torch.randn(1, config.seq_len - 1, config.rows * config.cols, config.latent_dim, device=device)
     result = {"preset": args.preset, "device": str(device), "params": sum(p.numel() for p in model.parameters()),
               "seq_len": config.seq_len, "steps": args.steps, "frames": args.frames, "runs": args.runs}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad(), autocast(device):
         for cached in (True, False):
             key = "cached_fps" if cached else "uncached_fps"
             result[key] = frames_per_second(model, context, args.frames, args.steps, cached, args.runs, device)
@@ -200,15 +200,14 @@ def bench_play(args, device):
     world = GenieWorld(tokenizer, dynamics.Dynamics(config).to(device).eval(), args.maskgit_steps)
     size = tokenizer.config.image_size
     rates = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for run in range(args.runs):
-            world.reset(np.zeros((1, size, size, 3), np.uint8))
-            for _ in range(args.warmup):
-                world.step([run % config.num_actions])
-            started = time.perf_counter()
-            for k in range(args.steps):
-                world.step([k % config.num_actions])  # returns uint8 pixels: the host copy synchronises
-            rates.append(args.steps / (time.perf_counter() - started))
+    for run in range(args.runs):
+        world.reset(np.zeros((1, size, size, 3), np.uint8))
+        for _ in range(args.warmup):
+            world.step([run % config.num_actions])
+        started = time.perf_counter()
+        for k in range(args.steps):
+            world.step([k % config.num_actions])  # returns uint8 pixels: the host copy synchronises
+        rates.append(args.steps / (time.perf_counter() - started))
     result = {"preset": args.preset, "device": str(device), "maskgit_steps": args.maskgit_steps,
               "context": config.context, "params": sum(p.numel() for p in world.dynamics.parameters()),
               "steps_per_s": statistics.median(rates)}

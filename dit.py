@@ -30,6 +30,7 @@ this equals recomputing the whole window at every step (`cached=False`); past it
 it joined rather than being re-encoded without the frames that slid out (a rolling cache, as in streaming LLMs).
 """
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -99,22 +100,24 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         """Flow-matching loss of clean scaled latents x1 (B, T, N, C) -> (loss, logs). See the module docstring."""
         b, t_len = x1.shape[:2]
         frame_weight = x1.new_ones(b, t_len)
+        # The random choices that decide what runs are drawn on the host (Python's RNG, saved in training states):
+        # drawn on the GPU, the host would have to wait for them before it could queue the work.
         if context_forcing:
-            prefix = int(torch.randint(1, t_len - context_forcing, ()))
+            prefix = random.randrange(1, t_len - context_forcing)
             with torch.no_grad():
                 generated = self.rollout(x1[:, :prefix], context_forcing, rollout_steps, context_t)
             x1 = torch.cat([x1[:, :prefix], generated.to(x1.dtype), x1[:, prefix + context_forcing:]], dim=1)
             frame_weight[:, prefix:prefix + context_forcing] = 0  # no target for the model's own frames
         x0 = torch.randn_like(x1)
         if self_forcing_p > 0:
-            # Drawn on the host, which can then skip the extra forward pass without waiting for the GPU.
-            chosen = torch.rand(b) < self_forcing_p
-            if chosen.any():
+            chosen = [random.random() < self_forcing_p for _ in range(b)]
+            if any(chosen):
                 with torch.no_grad():
                     m = torch.rand(b, t_len, device=x1.device)
                     mid = (1 - m[..., None, None]) * x0 + m[..., None, None] * x1
                     back = mid - m[..., None, None] * self.velocity(mid, m).to(x1.dtype)
-                x0 = torch.where(chosen.to(x1.device, non_blocking=True)[:, None, None, None], back, x0)
+                chosen = torch.tensor(chosen).to(x1.device, non_blocking=True)
+                x0 = torch.where(chosen[:, None, None, None], back, x0)
         t = torch.rand(b, t_len, device=x1.device)
         xt = (1 - t[..., None, None]) * x0 + t[..., None, None] * x1
         error = (self.velocity(xt, t).float() - (x1 - x0).float()).pow(2).mean(dim=(2, 3))  # (B, T)

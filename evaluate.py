@@ -43,7 +43,7 @@ from dataset import FrameStore, WindowDataset, open_frames, require_size, spread
 from generate import load_world
 from dynamics import Dynamics
 from lam import LatentActionModel
-from utils import UserError, atomic_path, atomic_write_text, get_device, load_model, positive, run_cli, \
+from utils import UserError, atomic_path, atomic_write_text, autocast, get_device, load_model, positive, run_cli, \
     seed_everything
 from vae import Tokenizer
 from vae2 import ViTVAE
@@ -276,7 +276,7 @@ def evaluate_dit(args):
     for chunk in tqdm(np.array_split(picks, max(1, len(picks) // args.batch_size)), desc="evaluate dit"):
         frames = torch.stack([windows[int(i)]["frames"] for i in chunk]).to(device)  # (B, P + H, 3, h, w)
         prompt, truth = frames[:, :args.prompt_frames], frames[:, args.prompt_frames:]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             mu, logvar = vae.encode(prompt.flatten(0, 1))  # (B * P, N, C)
             noise = torch.randn(mu.shape, device=device, generator=generator)
             context = ((mu.float() + (0.5 * logvar.float()).exp() * noise) * scale).unflatten(0, prompt.shape[:2])

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from dataset import WindowDataset, open_frames
 from dit import DiT, check_vae
-from utils import UserError, first_line, get_device, load_model, positive, run_cli, to_uint8, write_gif, write_mp4
+from utils import (UserError, autocast, first_line, get_device, load_model, positive, run_cli, to_uint8, write_gif,
+                   write_mp4)
 from vae2 import ViTVAE
 
 
@@ -93,7 +94,7 @@ def main():
     generator = torch.Generator(device).manual_seed(args.seed)
     scale = model.config.latent_scale
     frames = []
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad(), autocast(device):
         mu, logvar = vae.encode(prompt)  # (P, N, C)
         noise = torch.randn(mu.shape, device=device, generator=generator)
         context = ((mu.float() + (0.5 * logvar.float()).exp() * noise) * scale)[None]  # (1, P, N, C)

@@ -33,7 +33,7 @@ import torch
 
 from dataset import FrameStore, split_episodes
 from dynamics import Dynamics
-from utils import UserError, get_device, load_model, run_cli, seed_everything, to_uint8, write_gif, write_mp4
+from utils import UserError, autocast, get_device, load_model, run_cli, seed_everything, to_uint8, write_gif, write_mp4
 from vae import Tokenizer
 
 
@@ -41,7 +41,7 @@ class GenieWorld:
     """A batch of worlds stepped together (batch 1 for play). Frames are uint8 (B, H, W, 3).
 
     The interface every front end uses: reset(frames) -> frames, step(actions) -> frames, undo() -> frames,
-    num_actions. Any world model that offers these plugs into the terminal and web front ends."""
+    num_actions. Any world model that offers these plugs into the terminal and web front ends. Runs in bf16 on CUDA."""
 
     def __init__(self, tokenizer, dynamics, maskgit_steps=8, temperature=1.0, seed=0):
         self.tokenizer, self.dynamics = tokenizer, dynamics
@@ -65,18 +65,20 @@ class GenieWorld:
     def reset(self, frames):
         """Start from prompt frames uint8 (B, H, W, 3); returns them as the model sees them (tokenised)."""
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        self.tokens, self.actions = [self.tokenizer.encode(x)], []  # [(B, rows, cols)]
-        self.cache = self.dynamics.start(self.tokens[0][:, None])
-        return to_uint8(self.tokenizer.decode(self.tokens[0]))
+        with autocast(self.device):
+            self.tokens, self.actions = [self.tokenizer.encode(x)], []  # [(B, rows, cols)]
+            self.cache = self.dynamics.start(self.tokens[0][:, None])
+            return to_uint8(self.tokenizer.decode(self.tokens[0]))
 
     @torch.no_grad()
     def step(self, actions):
         """Advance every world by one latent action, actions (B,) ints; returns the new frames."""
         actions = torch.as_tensor(actions, device=self.device).long().view(-1)
-        tokens = self.dynamics.step(self.cache, actions, self.maskgit_steps, self.temperature, self.generator)
-        self.tokens.append(tokens)
-        self.actions.append(actions)
-        return to_uint8(self.tokenizer.decode(tokens))
+        with autocast(self.device):
+            tokens = self.dynamics.step(self.cache, actions, self.maskgit_steps, self.temperature, self.generator)
+            self.tokens.append(tokens)
+            self.actions.append(actions)
+            return to_uint8(self.tokenizer.decode(tokens))
 
     @torch.no_grad()
     def undo(self):
@@ -87,8 +89,9 @@ class GenieWorld:
         frames = self.tokens[-(self.dynamics.config.context - 1):]
         actions = self.actions[len(self.actions) - (len(frames) - 1):]
         actions = torch.stack(actions, 1) if actions else frames[0].new_zeros(len(frames[0]), 0)
-        self.cache = self.dynamics.start(torch.stack(frames, 1), actions)
-        return to_uint8(self.tokenizer.decode(self.tokens[-1]))
+        with autocast(self.device):
+            self.cache = self.dynamics.start(torch.stack(frames, 1), actions)
+            return to_uint8(self.tokenizer.decode(self.tokens[-1]))
 
 
 def prompt_frame(args, rng):

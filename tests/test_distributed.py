@@ -3,7 +3,6 @@ process reading the same global batch, within float round-off."""
 import subprocess
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run

@@ -113,10 +113,12 @@ def test_store_that_disagrees_with_its_meta_is_refused(coinrun, tmp_path, how, m
 
 def test_ctrl_c_during_collection_leaves_no_store(tmp_path):
     out = tmp_path / "coinrun"
-    # PYTHONFAULTHANDLER: should the collector ever hang after the interrupt, SIGABRT makes it print where
+    # As a terminal's foreground job: SIGINT at its default, which a shell running the tests in the background sets
+    # to ignored (Python then raises no KeyboardInterrupt). PYTHONFAULTHANDLER: on a hang SIGABRT shows where it is.
     process = subprocess.Popen([sys.executable, "download.py", "procgen:coinrun", "--frames", "5000000",
                                 "--num_envs", "16", "--out", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):  # collection has started writing
         assert time.time() < deadline and process.poll() is None, "collector did not start"

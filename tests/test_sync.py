@@ -1,0 +1,55 @@
+"""A training step never makes the host wait for the device. Under FakeTensorMode tensors have shapes and no values,
+so every operation that would need a value on the host (.item(), .tolist(), `if tensor:`, a boolean mask, bincount,
+nonzero: on a GPU each one waits for all queued work) raises. utils.train_step, the step train_loop runs, must go
+through for every model with the options the training scripts use."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+import bench
+import dit
+import lam
+import vae
+from utils import make_optimizer, train_step
+
+CPU = torch.device("cpu")
+
+
+def the_scripts_loss(name):
+    """loss_fn(net, batch, step) as the training script calls the model (batch: bench.training_inputs)."""
+    if name == "dit":  # self-forcing on every clip and context forcing: the extra passes of train_dit.py
+        return lambda net, batch, step: net(*batch, self_forcing_p=1.0, context_forcing=2, rollout_steps=2)
+    if name == "dynamics":  # tokens and actions from the frozen tokenizer and LAM, as train_genie.py makes them
+        tokenizer, action_model = vae.Tokenizer(vae.PRESETS["tiny"]), lam.LatentActionModel(lam.PRESETS["tiny"])
+
+        def loss_fn(net, batch, step):
+            tokens, _ = batch
+            frames = torch.rand(*tokens.shape[:2], 3, 64, 64) * 2 - 1
+            with torch.no_grad():
+                tokens = tokenizer.encode(frames.flatten(0, 1)).view(tokens.shape)
+                actions = action_model.infer_actions(frames)
+            return net(tokens, actions)
+        return loss_fn
+    return lambda net, batch, step: net(*batch)
+
+
+@pytest.mark.parametrize("name", ["vae2", "dit", "tokenizer", "lam", "dynamics"])
+def test_a_training_step_needs_no_value_from_the_device(name):
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, inputs, _ = bench.training_inputs(name, "tiny", 2, CPU)
+        model.train()
+        ema = dit.DiT(model.config) if name == "dit" else None
+        loss, grad_norm, logs, flags = train_step(model, model, make_optimizer(model, 1e-3), the_scripts_loss(name),
+                                                  inputs, 1, CPU, ema=ema, ema_decay=0.999, poisoned=True)
+    assert loss.shape == grad_norm.shape == () and flags.shape == (2,)
+    assert all(torch.is_tensor(v) for v in logs.values())
+
+
+def test_the_check_catches_a_host_read():  # the test above could not fail if fake tensors answered .item()
+    def loss_read_on_the_host(net, batch, step):
+        loss, logs = net(*batch)
+        return loss, {**logs, "loss": loss.item()}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model, inputs, _ = bench.training_inputs("tokenizer", "tiny", 2, CPU)
+        with pytest.raises(DataDependentOutputException):
+            train_step(model, model, make_optimizer(model, 1e-3), loss_read_on_the_host, inputs, 1, CPU)
