@@ -15,7 +15,9 @@ zero, so every block starts as the identity). The vector is computed once per fr
 DiT, the latent action for the dynamics and LAM decoders, a learned constant where nothing conditions.
 
 KV cache: during generation the frames of the context do not change, so their temporal keys and values are computed
-once (`update_cache=True`) and reused; a new frame then runs only its own N tokens through the network.
+once (`update_cache=True`) and reused; a new frame then runs only its own N tokens through the network. The cache
+keeps a free slot after its frames, where each step of the new frame writes its keys, so a step copies one frame's
+keys and values, not the whole cache (a cat would copy the cache at every Euler or MaskGIT step: ten times a frame).
 """
 import torch
 import torch.nn.functional as F
@@ -68,17 +70,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, angles, causal=False, past=None):
-        """x (S, L, D); angles (cos, sin) each (L, K/2) for the L new positions; past: (k, v) each (S, H, P, K) of earlier positions.
-        Returns the output (S, L, D) and this call's (k, v) including the past, for the cache."""
+        """x (S, L, D); angles (cos, sin) each (L, K/2) for the L new positions; past: (k, v) each (S, H, P + 1, K),
+        P earlier positions and a free slot (KVCache). Returns the output (S, L, D) and this call's (k, v) including
+        the past, for the cache."""
         q, k, v = rearrange(self.qkv(x), "s l (three h k) -> three s h l k", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
         mask, is_causal = None, causal
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            length, total = q.shape[2], k.shape[2]
             is_causal = False
-            if causal and length > 1:  # new positions come after the past: query i sees keys up to P + i
-                mask = torch.ones(length, total, dtype=torch.bool, device=x.device).tril(total - length)
+            if q.shape[2] == 1:  # one new position, which sees every key: into the free slot, no copy of the past
+                past[0][:, :, -1:] = k
+                past[1][:, :, -1:] = v
+                k, v = past
+            else:
+                k, v = torch.cat([past[0][:, :, :-1], k], dim=2), torch.cat([past[1][:, :, :-1], v], dim=2)
+                length, total = q.shape[2], k.shape[2]
+                if causal:  # new positions come after the past: query i sees keys up to P + i
+                    mask = torch.ones(length, total, dtype=torch.bool, device=x.device).tril(total - length)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (S, H, L, K)
         return self.proj(rearrange(out, "s h l k -> s l (h k)")), (k, v)
 
@@ -109,14 +117,22 @@ class STBlock(nn.Module):
 
 
 class KVCache:
-    """Temporal keys and values of the frames already final, one (k, v) per block, each (B * N, H, frames, K).
-    Keeps the last `max_frames` frames (a sliding window); `position` is the absolute index of the next frame."""
+    """Temporal keys and values of the frames already final, one (k, v) per block, each (B * N, H, frames + 1, K):
+    the last slot is free, for the frame being made. Keeps the last `max_frames` frames (a sliding window);
+    `position` is the absolute index of the next frame."""
 
     def __init__(self, max_frames):
         self.max_frames, self.position, self.layers = max_frames, 0, {}
 
     def __len__(self):
-        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+        return next(iter(self.layers.values()))[0].shape[2] - 1 if self.layers else 0
+
+    def store(self, block, k, v):
+        """Keep the last max_frames of k, v (S, H, F, K), the keys and values of all frames so far, and a free slot:
+        one copy per frame."""
+        free = k.new_empty(*k.shape[:2], 1, k.shape[3])
+        self.layers[block] = (torch.cat([k[:, :, -self.max_frames:], free], dim=2),
+                              torch.cat([v[:, :, -self.max_frames:], free], dim=2))
 
 
 class STTransformer(nn.Module):
@@ -152,7 +168,7 @@ class STTransformer(nn.Module):
             past = cache.layers.get(i) if cache is not None else None
             x, (k, v) = block(x, cond, space, time, past)
             if update_cache:
-                cache.layers[i] = (k[:, :, -cache.max_frames:], v[:, :, -cache.max_frames:])
+                cache.store(i, k, v)
         if update_cache:
             cache.position += x.shape[1]
         shift, scale = self.modulation_out(F.silu(cond))[:, :, None].chunk(2, dim=-1)
