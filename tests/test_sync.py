@@ -10,7 +10,7 @@ import bench
 import dit
 import lam
 import vae
-from utils import make_optimizer, train_step
+from utils import make_optimizer, train_step, update_ema
 
 CPU = torch.device("cpu")
 
@@ -39,8 +39,9 @@ def test_a_training_step_needs_no_value_from_the_device(name):
         model, inputs, _ = bench.training_inputs(name, "tiny", 2, CPU)
         model.train()
         ema = dit.DiT(model.config) if name == "dit" else None
-        loss, grad_norm, logs, flags = train_step(model, model, make_optimizer(model, 1e-3), the_scripts_loss(name),
-                                                  inputs, 1, CPU, ema=ema, ema_decay=0.999, poisoned=True)
+        optimizer = make_optimizer(model, 1e-3, fused=True)  # as on CUDA
+        loss, grad_norm, logs, flags = train_step(model, model, optimizer, the_scripts_loss(name), inputs, 1, CPU,
+                                                  ema=ema, ema_decay=0.999, poisoned=True)
     assert loss.shape == grad_norm.shape == () and flags.shape == (2,)
     assert all(torch.is_tensor(v) for v in logs.values())
 
@@ -52,4 +53,28 @@ def test_the_check_catches_a_host_read():  # the test above could not fail if fa
     with FakeTensorMode(allow_non_fake_inputs=True):
         model, inputs, _ = bench.training_inputs("tokenizer", "tiny", 2, CPU)
         with pytest.raises(DataDependentOutputException):
-            train_step(model, model, make_optimizer(model, 1e-3), loss_read_on_the_host, inputs, 1, CPU)
+            train_step(model, model, make_optimizer(model, 1e-3, fused=True), loss_read_on_the_host, inputs, 1, CPU)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_changes_nothing(fused):
+    """The skip itself, with real values: on CUDA's path the fused AdamW skips on its found_inf flag, on CPU's the
+    host skips; either way weights, AdamW state and EMA stay as they were, and the next good step moves them."""
+    torch.manual_seed(0)
+    model, inputs, _ = bench.training_inputs("tokenizer", "tiny", 2, CPU)
+    ema = vae.Tokenizer(model.config)
+    update_ema(ema, model, 1.0)
+    optimizer = make_optimizer(model, 1e-3, fused=fused)
+    loss_fn = the_scripts_loss("tokenizer")
+    train_step(model, model, optimizer, loss_fn, inputs, 1, CPU, ema=ema, ema_decay=0.9)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, ema)]
+    steps = [s["step"].clone() for s in optimizer.state.values()]
+    _, _, _, flags = train_step(model, model, optimizer, loss_fn, inputs, 2, CPU, ema=ema, ema_decay=0.9,
+                                poisoned=True)
+    assert flags.tolist() == [1.0, 0.0]
+    for m, saved in zip((model, ema), before):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+    assert [s["step"] for s in optimizer.state.values()] == steps
+    train_step(model, model, optimizer, loss_fn, inputs, 3, CPU, ema=ema, ema_decay=0.9)
+    assert all(not torch.equal(v, before[0][k]) for k, v in model.state_dict().items() if k.endswith("weight"))
