@@ -116,8 +116,8 @@ class DiT(nn.Module, PyTorchModelHubMixin):
                     m = torch.rand(b, t_len, device=x1.device)
                     mid = (1 - m[..., None, None]) * x0 + m[..., None, None] * x1
                     back = mid - m[..., None, None] * self.velocity(mid, m).to(x1.dtype)
-                chosen = torch.tensor(chosen).to(x1.device, non_blocking=True)
-                x0 = torch.where(chosen[:, None, None, None], back, x0)
+                mask = torch.tensor(chosen).to(x1.device, non_blocking=True)  # (B,)
+                x0 = torch.where(mask[:, None, None, None], back, x0)
         t = torch.rand(b, t_len, device=x1.device)
         xt = (1 - t[..., None, None]) * x0 + t[..., None, None] * x1
         error = (self.velocity(xt, t).float() - (x1 - x0).float()).pow(2).mean(dim=(2, 3))  # (B, T)

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset import ACTIONS, FrameStore, FrameWriter, describe, write_meta
-from utils import UserError, atomic_dir, parse_size, positive, run_cli
+from utils import UserError, atomic_dir, first_line, parse_size, positive, run_cli
 
 
 # ----------------------------------------------------------------------------- behaviour policy
@@ -208,7 +208,7 @@ def download_video(source, out):
             info = ydl.extract_info(source, download=True)
             path = Path(info["requested_downloads"][0]["filepath"])
     except yt_dlp.utils.YoutubeDLError as e:
-        message = re.sub(r"\x1b\[[0-9;]*m|^ERROR: ", "", str(e)).splitlines()[0]
+        message = first_line(re.sub(r"\x1b\[[0-9;]*m|^ERROR: ", "", str(e)))
         raise UserError(f"could not download {source}: {message}") from None
     finally:
         bar.close()

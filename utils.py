@@ -617,17 +617,17 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
             unread.append((step, loss, grad_norm, copy_to_host(flags)))
             log_now = step % args.log_every == 0 or step in (start + 1, args.steps)
             while len(unread) > (0 if log_now or step % args.save_every == 0 or step == args.steps else 1):
-                bad_step, bad_loss, bad_norm, read = unread.pop(0)
+                read_step, read_loss, read_norm, read = unread.pop(0)
                 skipped, stopping = read()
                 stop = stop or bool(stopping)
                 bad_steps = bad_steps + 1 if skipped else 0
                 if skipped and main:
-                    bar.write(f"{name} step {bad_step}: loss {bad_loss.item():.4g}, gradient norm {bad_norm.item():.4g}"
+                    bar.write(f"{name} step {read_step}: loss {read_loss.item():.4g}, gradient norm {read_norm.item():.4g}"
                               f": step skipped ({bad_steps} in a row, --max_bad_steps {args.max_bad_steps})",
                               file=sys.stderr)
                 if bad_steps >= args.max_bad_steps:
                     last = training_states(states)
-                    raise TrainingFailed(f"{name}: {bad_steps} non-finite steps in a row up to step {bad_step}; "
+                    raise TrainingFailed(f"{name}: {bad_steps} non-finite steps in a row up to step {read_step}; "
                                          "stopped. " + (f"The last good training state is {last[-1]}" if last else
                                                         "No training state was saved yet"))
             if main and log_now:
