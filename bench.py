@@ -24,6 +24,9 @@ depend on the weights). The context's prefill and one warm-up frame are excluded
 play: steps/s of the Genie world (play.GenieWorld, batch 1): MaskGIT decoding of the next 16x16 token frame in
 --maskgit_steps steps with the cached context, then the tokenizer's decode to 64x64 pixels.
 
+--compile: train compiles the model's blocks as train_loop does (the default on CUDA, --no-compile to time eager);
+generate and play compile the per-step calls as generate.py and play.py do with --compile (CUDA graphs on CUDA).
+
 Every figure is the median over --runs runs, after warm-up steps that are not timed.
 """
 import argparse
@@ -46,7 +49,8 @@ import train_vae
 import vae
 import vae2
 from play import GenieWorld
-from utils import UserError, atomic_write_text, autocast, get_device, make_optimizer, positive, run_cli, train_step
+from utils import (UserError, add_compile_flag, atomic_write_text, autocast, compile_blocks, compile_step, get_device,
+                   make_optimizer, positive, run_cli, train_step, use_compile)
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -85,9 +89,12 @@ def frames_per_second(model, context, frames, steps, cached, runs, device):
 def bench_generate(args, device):
     config = dit.PRESETS[args.preset]
     model = dit.DiT(config).to(device).eval()
+    if args.compile:
+        model.velocity = compile_step(model.velocity, device)
     context = torch.randn(1, config.seq_len - 1, config.rows * config.cols, config.latent_dim, device=device)
-    result = {"preset": args.preset, "device": str(device), "params": sum(p.numel() for p in model.parameters()),
-              "seq_len": config.seq_len, "steps": args.steps, "frames": args.frames, "runs": args.runs}
+    result = {"preset": args.preset, "device": str(device), "compile": args.compile,
+              "params": sum(p.numel() for p in model.parameters()), "seq_len": config.seq_len, "steps": args.steps,
+              "frames": args.frames, "runs": args.runs}
     with torch.no_grad(), autocast(device):
         for cached in (True, False):
             key = "cached_fps" if cached else "uncached_fps"
@@ -142,11 +149,13 @@ def bench_train(args, device):
     batch_size = args.batch_size or defaults[args.preset]["batch_size"]
     model, inputs, tokens = training_inputs(args.model, args.preset, batch_size, device)
     model = model.to(device).train()
-    net = torch.compile(model) if args.compile else model
+    compiled = use_compile(args, device)
+    if compiled:
+        compile_blocks(model)
     optimizer = make_optimizer(model, 1e-4)
 
     def step():  # train_loop's step, without the data loader and the logging
-        train_step(net, model, optimizer, lambda net, batch, step: net(*batch), inputs, 0, device)
+        train_step(model, model, optimizer, lambda net, batch, step: net(*batch), inputs, 0, device)
 
     for _ in range(args.warmup):
         step()
@@ -164,14 +173,14 @@ def bench_train(args, device):
         times.append((time.perf_counter() - started) / args.steps)
     seconds = statistics.median(times)
     peak = peak_tflops(args, device)
-    result = {"model": args.model, "preset": args.preset, "device": str(device), "compile": args.compile,
+    result = {"model": args.model, "preset": args.preset, "device": str(device), "compile": compiled,
               "params": sum(p.numel() for p in model.parameters()), "batch_size": batch_size,
               "step_ms": 1000 * seconds, "samples_per_s": batch_size / seconds,
               "tokens_per_s": batch_size * tokens / seconds, "flops_per_step": flops,
               "achieved_tflops": flops / seconds / 1e12, "peak_tflops": peak,
               "mfu": flops / seconds / (peak * 1e12) if peak else None, "host_syncs_per_step": syncs}
     print(f"train {args.model} {args.preset} ({result['params'] / 1e6:.1f}M parameters) on {device}, batch "
-          f"{batch_size}{', compiled' if args.compile else ''}")
+          f"{batch_size}{', compiled' if compiled else ''}")
     print(f"  step {result['step_ms']:.1f} ms, {result['samples_per_s']:.1f} samples/s, "
           f"{result['tokens_per_s']:.0f} tokens/s, {flops / 1e9:.1f} GFLOP per step (forward + backward), "
           f"{result['achieved_tflops']:.3f} TFLOP/s, MFU "
@@ -198,6 +207,8 @@ def bench_play(args, device):
     config = dataclasses.replace(dynamics.PRESETS[args.preset], vocab_size=tokenizer.config.num_codes, rows=grid,
                                  cols=grid)
     world = GenieWorld(tokenizer, dynamics.Dynamics(config).to(device).eval(), args.maskgit_steps)
+    if args.compile:
+        world.compile()
     size = tokenizer.config.image_size
     rates = []
     for run in range(args.runs):
@@ -208,7 +219,8 @@ def bench_play(args, device):
         for k in range(args.steps):
             world.step([k % config.num_actions])  # returns uint8 pixels: the host copy synchronises
         rates.append(args.steps / (time.perf_counter() - started))
-    result = {"preset": args.preset, "device": str(device), "maskgit_steps": args.maskgit_steps,
+    result = {"preset": args.preset, "device": str(device), "compile": args.compile,
+              "maskgit_steps": args.maskgit_steps,
               "context": config.context, "params": sum(p.numel() for p in world.dynamics.parameters()),
               "steps_per_s": statistics.median(rates)}
     print(f"play {args.preset} on {device}: {result['steps_per_s']:.1f} steps/s ({1000 / result['steps_per_s']:.1f} "
@@ -226,7 +238,7 @@ def main():
     p.add_argument("--steps", type=positive(int), default=5, help="timed steps per run (default 5)")
     p.add_argument("--warmup", type=positive(int), default=2, help="untimed steps first (default 2)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    add_compile_flag(p)
     p.add_argument("--peak_tflops", type=positive(float), help="the device's peak, for MFU (A100/H100 known)")
     p = sub.add_parser("play", help="Genie play steps/s (MaskGIT decoding of the next frame + pixel decode)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "default"], help="model sizes (default tiny)")
@@ -234,11 +246,13 @@ def main():
     p.add_argument("--steps", type=positive(int), default=20, help="timed play steps per run (default 20)")
     p.add_argument("--warmup", type=positive(int), default=3, help="untimed steps first (default 3)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the MaskGIT step and decode (CUDA graphs)")
     p = sub.add_parser("generate", help="DiT generation frames/s with and without the key/value cache")
     p.add_argument("--preset", default="tiny", choices=list(dit.PRESETS), help="DiT size (default tiny)")
     p.add_argument("--steps", type=positive(int), default=10, help="Euler steps per frame (default 10)")
     p.add_argument("--frames", type=positive(int), default=4, help="timed frames per run (default 4)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the Euler step (CUDA graphs on CUDA)")
     for p in sub.choices.values():
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--json", help="also write the figures to this JSON file")

@@ -37,7 +37,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from transformer import KVCache, STTransformer
+from transformer import STTransformer
 from utils import UserError
 
 
@@ -90,11 +90,11 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         nn.init.zeros_(self.out.weight)  # the model starts by predicting zero velocity
         nn.init.zeros_(self.out.bias)
 
-    def velocity(self, x, t, cache=None, update_cache=False):
+    def velocity(self, x, t, cache=None):
         """x (B, T, N, C) at flow times t (B, T) -> predicted velocity (B, T, N, C).
-        With a cache the T frames come after the cached ones; update_cache adds them to it."""
+        With a cache (transformer.KVCache), T = 1: the frame after the cached ones."""
         cond = self.time_embed(timestep_embedding(t, 256))  # (B, T, D): once per frame
-        return self.out(self.transformer(self.embed(x), cond, cache, update_cache))
+        return self.out(self.transformer(self.embed(x), cond, cache))
 
     def forward(self, x1, self_forcing_p=0.0, context_forcing=0, rollout_steps=4, context_t=0.95):
         """Flow-matching loss of clean scaled latents x1 (B, T, N, C) -> (loss, logs). See the module docstring."""
@@ -147,11 +147,16 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         def times(value, frames):
             return torch.full((b, frames), value, device=device)
 
+        def remember(frames):  # (B, F, N, C) at context_t join the cache, one frame at a time
+            for i in range(frames.shape[1]):  # contiguous: a step's strides, so that a compiled step serves both
+                self.velocity(frames[:, i:i + 1].contiguous(), times(context_t, 1), cache)
+                cache.commit()
+
         past = at_context_t(context[:, -window:])  # (B, P, N, C): fixed while the new frame is integrated
         cache = None
         if cached:
-            cache = KVCache(max_frames=window)
-            self.velocity(past, times(context_t, past.shape[1]), cache, update_cache=True)
+            cache = self.transformer.new_cache(b, window, device)
+            remember(past)
         while True:
             x = noise(context[:, :1])  # (B, 1, N, C) at t = 0
             for k in range(steps):
@@ -165,4 +170,4 @@ class DiT(nn.Module, PyTorchModelHubMixin):
             joined = at_context_t(x)
             past = torch.cat([past, joined], dim=1)[:, -window:]
             if cached:
-                self.velocity(joined, times(context_t, 1), cache, update_cache=True)
+                remember(joined)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from transformer import KVCache, STTransformer
+from transformer import STTransformer
 
 
 @dataclass
@@ -64,9 +64,9 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         first = actions.new_full((actions.shape[0], 1), self.no_action)
         return self.action_embed(torch.cat([first, actions], dim=1))
 
-    def hidden(self, tokens, cond, cache=None, update_cache=False):
-        """tokens (B, T, N) with [MASK] where unknown -> features (B, T, N, D)."""
-        return self.transformer(self.token_embed(tokens), cond, cache, update_cache)
+    def hidden(self, tokens, cond, cache=None):
+        """tokens (B, T, N) with [MASK] where unknown -> features (B, T, N, D). With a cache, T = 1."""
+        return self.transformer(self.token_embed(tokens), cond, cache)
 
     def forward(self, tokens, actions):
         """tokens (B, T, rows, cols) from the tokenizer, actions (B, T - 1) from the LAM -> (loss, logs)."""
@@ -89,8 +89,11 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         """Prefill a cache with context frames: tokens (B, T, rows, cols), actions (B, T - 1) between them."""
         if actions is None:
             actions = tokens.new_zeros(tokens.shape[0], tokens.shape[1] - 1)
-        cache = KVCache(max_frames=self.config.context - 1)
-        self.hidden(tokens.flatten(2), self.frame_conditions(actions), cache, update_cache=True)
+        cache = self.transformer.new_cache(tokens.shape[0], self.config.context - 1, tokens.device)
+        tokens, cond = tokens.flatten(2), self.frame_conditions(actions)
+        for i in range(tokens.shape[1]):
+            self.hidden(tokens[:, i:i + 1], cond[:, i:i + 1], cache)
+            cache.commit()
         return cache
 
     @torch.no_grad()
@@ -100,7 +103,8 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         cond = self.action_embed(action)[:, None]  # (B, 1, D)
         tokens = self.decode(lambda t: self.head(self.hidden(t, cond, cache))[:, 0], len(action), steps, temperature,
                              generator)
-        self.hidden(tokens[:, None], cond, cache, update_cache=True)
+        self.hidden(tokens[:, None], cond, cache)
+        cache.commit()
         return tokens.view(-1, self.config.rows, self.config.cols)
 
     @torch.no_grad()

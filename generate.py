@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from dataset import WindowDataset, open_frames
 from dit import DiT, check_vae
-from utils import (UserError, autocast, first_line, get_device, load_model, positive, run_cli, to_uint8, write_gif,
-                   write_mp4)
+from utils import (UserError, autocast, compile_step, first_line, get_device, load_model, positive, run_cli, to_uint8,
+                   write_gif, write_mp4)
 from vae2 import ViTVAE
 
 
@@ -48,6 +48,13 @@ def load_world(models, device):
     return vae, model
 
 
+def compile_world(vae, model, device):
+    """Compile what runs for every frame (utils.compile_step): the DiT's cached Euler step, which also serves the
+    frame's commit to the cache, and the VAE's decode."""
+    model.velocity = compile_step(model.velocity, device)
+    vae.decode = compile_step(vae.decode, device)
+
+
 def main():
     parser = argparse.ArgumentParser(description="Generate a continuation video from a prompt video.")
     parser.add_argument("--prompt_video", required=True, help="video file or frame store to take the prompt from")
@@ -64,11 +71,16 @@ def main():
     parser.add_argument("--side_by_side", action="store_true",
                         help="show the true continuation on the left (the prompt video must be long enough)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the per-frame calls, as CUDA graphs on CUDA (off by default: it "
+                             "takes a minute or two to compile, and its gain on a GPU is not measured yet)")
     args = parser.parse_args()
     if not 0 < args.context_t <= 1:
         raise UserError(f"--context_t must be in (0, 1], not {args.context_t}")
     device = get_device(args.device)
     vae, model = load_world(args.models, device)
+    if args.compile:
+        compile_world(vae, model, device)
     c = vae.config
     store = open_frames(args.prompt_video, size=(c.width, c.height))
     if (store.height, store.width) != (c.height, c.width):

@@ -23,6 +23,7 @@ import threading
 import time
 import webbrowser
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -33,7 +34,8 @@ import torch
 
 from dataset import FrameStore, split_episodes
 from dynamics import Dynamics
-from utils import UserError, autocast, get_device, load_model, run_cli, seed_everything, to_uint8, write_gif, write_mp4
+from utils import (UserError, autocast, compile_step, get_device, load_model, run_cli, seed_everything, to_uint8,
+                   write_gif, write_mp4)
 from vae import Tokenizer
 
 
@@ -56,6 +58,12 @@ class GenieWorld:
         device = get_device(device)
         return cls(load_model(Tokenizer, Path(models) / "tokenizer", device),
                    load_model(Dynamics, Path(models) / "dynamics", device), **options)
+
+    def compile(self):
+        """Compile what runs for every step (utils.compile_step), for this world and those it spawns: the dynamics'
+        cached MaskGIT step, which also serves the frame's commit to the cache, and the tokenizer's decode."""
+        self.dynamics.hidden = compile_step(self.dynamics.hidden, self.device)
+        self.tokenizer.decode = compile_step(self.tokenizer.decode, self.device)
 
     def spawn(self, seed):
         """Another world on the same models (one per browser session)."""
@@ -186,6 +194,9 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
     """
     page = Path(__file__).with_name("play.html").read_bytes()
     sessions, lock, seeds = OrderedDict(), threading.Lock(), itertools.count(1)
+    # Every model call runs on this one thread, one at a time: sessions never see each other's state half-updated,
+    # and the CUDA graphs of --compile, which torch records per thread, are recorded once, not once per request.
+    model_thread = ThreadPoolExecutor(max_workers=1)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # one line per step would drown the URL the user needs
@@ -251,7 +262,12 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
                     raise ValueError
             except ValueError:
                 return self.reply(400, {"error": "the body must be a JSON object"})
-            with lock:  # one model call at a time: sessions never see each other's state half-updated
+            code, answer = model_thread.submit(self.act, request).result()
+            self.reply(code, answer)
+
+        def act(self, request):
+            """The POST's work, on the model thread -> (HTTP status, JSON reply)."""
+            with lock:
                 try:
                     started = time.perf_counter()
                     if self.path == "/api/session":
@@ -267,8 +283,8 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
                             action = request.get("action")
                             if not isinstance(action, int) or isinstance(action, bool) or \
                                     not 0 <= action < world.num_actions:
-                                return self.reply(400, {"error": f"unknown action {action!r}: "
-                                                                 f"use an integer in [0, {world.num_actions})"})
+                                return 400, {"error": f"unknown action {action!r}: "
+                                                      f"use an integer in [0, {world.num_actions})"}
                             session.frames.append(session.world.step([action])[0])
                         elif self.path == "/api/reset":
                             session.frames = [session.world.reset(new_prompt()[None])[0]]
@@ -276,12 +292,12 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
                             session.frames = session.frames[:-1] or session.frames
                             session.world.undo()
                     else:
-                        return self.reply(404, {"error": f"no such endpoint: {self.path}"})
+                        return 404, {"error": f"no such endpoint: {self.path}"}
                 except KeyError as e:
-                    return self.reply(404, {"error": e.args[0]})
-                self.reply(200, {"session": session_id, "frame": png_data_url(session.frames[-1]),
-                                 "step": len(session.frames) - 1, "num_actions": world.num_actions,
-                                 "ms": (time.perf_counter() - started) * 1000})
+                    return 404, {"error": e.args[0]}
+                return 200, {"session": session_id, "frame": png_data_url(session.frames[-1]),
+                             "step": len(session.frames) - 1, "num_actions": world.num_actions,
+                             "ms": (time.perf_counter() - started) * 1000}
 
     try:
         server = ThreadingHTTPServer((host, port), Handler)
@@ -300,6 +316,7 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
         print("stopped")
     finally:
         server.server_close()
+        model_thread.shutdown()
 
 
 def main():
@@ -320,12 +337,17 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the per-step calls, as CUDA graphs on CUDA (off by default: it "
+                             "takes a minute or two to compile, and its gain on a GPU is not measured yet)")
     args = parser.parse_args()
     if args.maskgit_steps < 1:
         raise UserError("--maskgit_steps must be at least 1")
     seed_everything(args.seed)
     world = GenieWorld.load(args.models, args.device, maskgit_steps=args.maskgit_steps,
                             temperature=args.temperature, seed=args.seed)
+    if args.compile:
+        world.compile()
     actions = parse_actions(args.actions, world.num_actions) if args.actions is not None else None
     rng = np.random.default_rng(args.seed)
     first = prompt_frame(args, rng)

@@ -15,9 +15,10 @@ zero, so every block starts as the identity). The vector is computed once per fr
 DiT, the latent action for the dynamics and LAM decoders, a learned constant where nothing conditions.
 
 KV cache: during generation the frames of the context do not change, so their temporal keys and values are computed
-once (`update_cache=True`) and reused; a new frame then runs only its own N tokens through the network. The cache
-keeps a free slot after its frames, where each step of the new frame writes its keys, so a step copies one frame's
-keys and values, not the whole cache (a cat would copy the cache at every Euler or MaskGIT step: ten times a frame).
+once and reused; a new frame then runs only its own N tokens through the network. The cache is allocated once, with a
+free slot after a ring of finished frames: each step of the new frame writes its keys there (no copy of the cache, as
+a cat would make at every Euler or MaskGIT step), and `KVCache.commit()` moves the finished frame into the ring. So a
+cached step has the same shapes and tensor addresses at every call: torch.compile can replay it as one CUDA graph.
 """
 import torch
 import torch.nn.functional as F
@@ -69,26 +70,19 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, angles, causal=False, past=None):
-        """x (S, L, D); angles (cos, sin) each (L, K/2) for the L new positions; past: (k, v) each (S, H, P + 1, K),
-        P earlier positions and a free slot (KVCache). Returns the output (S, L, D) and this call's (k, v) including
-        the past, for the cache."""
+    def forward(self, x, angles, causal=False, past=None, visible=None):
+        """x (S, L, D); angles (cos, sin) each (L, K/2) -> (S, L, D). With past, a layer of a KVCache: (k, v) each
+        (S, H, slots, K), L = 1: the new position's keys go to the free last slot and it attends to the `visible`
+        (slots,) ones."""
         q, k, v = rearrange(self.qkv(x), "s l (three h k) -> three s h l k", three=3, h=self.heads)
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
-        mask, is_causal = None, causal
+        mask = None
         if past is not None:
-            is_causal = False
-            if q.shape[2] == 1:  # one new position, which sees every key: into the free slot, no copy of the past
-                past[0][:, :, -1:] = k
-                past[1][:, :, -1:] = v
-                k, v = past
-            else:
-                k, v = torch.cat([past[0][:, :, :-1], k], dim=2), torch.cat([past[1][:, :, :-1], v], dim=2)
-                length, total = q.shape[2], k.shape[2]
-                if causal:  # new positions come after the past: query i sees keys up to P + i
-                    mask = torch.ones(length, total, dtype=torch.bool, device=x.device).tril(total - length)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (S, H, L, K)
-        return self.proj(rearrange(out, "s h l k -> s l (h k)")), (k, v)
+            past[0][:, :, -1:] = k
+            past[1][:, :, -1:] = v
+            (k, v), mask, causal = past, visible[None], False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (S, H, L, K)
+        return self.proj(rearrange(out, "s h l k -> s l (h k)"))
 
 
 class STBlock(nn.Module):
@@ -101,38 +95,54 @@ class STBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.modulation = nn.Linear(dim, 9 * dim)  # shift, scale, gate for each of the three sub-layers
 
-    def forward(self, x, cond, space_angles, time_angles, past=None):
-        """x (B, T, N, D), cond (B, T, D) -> x (B, T, N, D) and the temporal (k, v) for the cache."""
+    def forward(self, x, cond, space_angles, time_angles, past=None, visible=None):
+        """x (B, T, N, D), cond (B, T, D) -> (B, T, N, D)."""
         b = x.shape[0]
         mods = self.modulation(F.silu(cond))[:, :, None]  # (B, T, 1, 9D): once per frame, not per token
         shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = mods.chunk(9, dim=-1)
         h = rearrange(modulate(self.norm1(x), shift1, scale1), "b t n d -> (b t) n d")
-        h, _ = self.spatial(h, space_angles)
+        h = self.spatial(h, space_angles)
         x = x + gate1 * rearrange(h, "(b t) n d -> b t n d", b=b)
         h = rearrange(modulate(self.norm2(x), shift2, scale2), "b t n d -> (b n) t d")
-        h, kv = self.temporal(h, time_angles, causal=True, past=past)
+        h = self.temporal(h, time_angles, causal=True, past=past, visible=visible)
         x = x + gate2 * rearrange(h, "(b n) t d -> b t n d", b=b)
         x = x + gate3 * self.mlp(modulate(self.norm3(x), shift3, scale3))
-        return x, kv
+        return x
 
 
 class KVCache:
-    """Temporal keys and values of the frames already final, one (k, v) per block, each (B * N, H, frames + 1, K):
-    the last slot is free, for the frame being made. Keeps the last `max_frames` frames (a sliding window);
-    `position` is the absolute index of the next frame."""
+    """Temporal keys and values of the last `max_frames` finished frames, allocated once: per block a key and a value
+    tensor (S, H, max_frames + 1, K), a ring of max_frames slots and a free last slot for the frame being made. Keys
+    keep the rotary angle of their absolute frame index, so the order of the ring does not matter to attention;
+    `visible` masks the slots not filled yet. The new frame's position lives on the device, so a compiled step reads
+    no Python number that changes from frame to frame. (One tensor per block, not one for all: torch.compile writes
+    into separate tensors in place, but copies a stacked one whole at every step.)"""
 
-    def __init__(self, max_frames):
-        self.max_frames, self.position, self.layers = max_frames, 0, {}
+    def __init__(self, max_frames, depth, sequences, heads, head_dim, dtype, device):
+        self.max_frames, self.position = max_frames, 0  # position: the absolute index of the next frame
+        # zeros, not garbage: a masked slot's NaN would still poison p @ v
+        self.keys, self.values = ([torch.zeros(sequences, heads, max_frames + 1, head_dim, dtype=dtype, device=device)
+                                   for _ in range(depth)] for _ in range(2))
+        self.visible = torch.zeros(max_frames + 1, dtype=torch.bool, device=device)
+        self.visible[-1] = True  # the new frame sees itself
+        self.next_position = torch.zeros(1, dtype=torch.long, device=device)
+        for tensor in self.keys + self.values + [self.visible, self.next_position]:
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs may write into them in place
 
     def __len__(self):
-        return next(iter(self.layers.values()))[0].shape[2] - 1 if self.layers else 0
+        return min(self.position, self.max_frames)
 
-    def store(self, block, k, v):
-        """Keep the last max_frames of k, v (S, H, F, K), the keys and values of all frames so far, and a free slot:
-        one copy per frame."""
-        free = k.new_empty(*k.shape[:2], 1, k.shape[3])
-        self.layers[block] = (torch.cat([k[:, :, -self.max_frames:], free], dim=2),
-                              torch.cat([v[:, :, -self.max_frames:], free], dim=2))
+    def layer(self, block):
+        return self.keys[block], self.values[block]
+
+    def commit(self):
+        """Keep the frame whose keys are in the free slot: it takes the oldest frame's place in the ring."""
+        slot = self.position % self.max_frames
+        for tensor in self.keys + self.values:
+            tensor[:, :, slot] = tensor[:, :, -1]
+        self.visible[slot] = True
+        self.position += 1
+        self.next_position += 1
 
 
 class STTransformer(nn.Module):
@@ -155,21 +165,26 @@ class STTransformer(nn.Module):
         nn.init.zeros_(self.modulation_out.weight)
         nn.init.zeros_(self.modulation_out.bias)
 
-    def forward(self, x, cond, cache=None, update_cache=False):
+    def new_cache(self, batch, max_frames, device):
+        """An empty KVCache for `batch` sequences of frames, in the dtype the keys will have (bf16 under autocast)."""
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.modulation_out.weight.dtype)
+        heads = self.blocks[0].temporal.heads
+        return KVCache(max_frames, len(self.blocks), batch * self.rows * self.cols, heads, self.head_dim, dtype, device)
+
+    def forward(self, x, cond, cache=None):
         """x (B, T, N, D), cond (B, T, D) -> (B, T, N, D).
 
-        With a cache, the T frames come after the cached ones (they attend to them); with update_cache their keys and
-        values join the cache, which then slides to its last max_frames frames.
+        With a cache: one frame (T = 1) after the cached ones, which it attends to; its keys and values wait in the
+        cache's free slot, and join the cache if the caller then calls cache.commit().
         """
-        start = cache.position if cache is not None else 0
         space = grid_angles(self.rows, self.cols, self.head_dim, x.device)
-        time = rope_angles(torch.arange(start, start + x.shape[1], device=x.device), self.head_dim)
+        if cache is None:
+            time = rope_angles(torch.arange(x.shape[1], device=x.device), self.head_dim)
+        else:
+            assert x.shape[1] == 1, "a cached call takes one new frame"
+            time = rope_angles(cache.next_position, self.head_dim)
         for i, block in enumerate(self.blocks):
-            past = cache.layers.get(i) if cache is not None else None
-            x, (k, v) = block(x, cond, space, time, past)
-            if update_cache:
-                cache.store(i, k, v)
-        if update_cache:
-            cache.position += x.shape[1]
+            x = block(x, cond, space, time, *((cache.layer(i), cache.visible) if cache is not None else ()))
         shift, scale = self.modulation_out(F.silu(cond))[:, :, None].chunk(2, dim=-1)
         return modulate(self.norm_out(x), shift, scale)

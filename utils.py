@@ -3,6 +3,7 @@ training loop every training script runs.
 
 Everything here is used by more than one script; each mechanism is written once.
 """
+import argparse
 import atexit
 import contextlib
 import copy
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
+from torch import nn
 from tqdm import tqdm
 
 
@@ -108,6 +110,35 @@ def autocast(device):
     """The precision every model runs at: bf16 autocast on CUDA (twice the tensor-core rate of TF32), fp32 elsewhere
     (bf16 is slower than fp32 on most CPUs)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def add_compile_flag(parser):
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the model's blocks (default: yes on CUDA; elsewhere no, where the minute "
+                             "or two of compiling outweighs the short runs a CPU is used for)")
+
+
+def use_compile(args, device):
+    return args.compile if args.compile is not None else device.type == "cuda"
+
+
+def compile_blocks(model):
+    """torch.compile, in place, the blocks that hold a model's FLOPs, each on its own: every element of an
+    nn.ModuleList (transformer blocks, which share one compiled graph) and every nn.Sequential outside one (the conv
+    tokenizer's encoder and decoder). Compiling blocks rather than the whole loss keeps the loss's host-side choices
+    (random context-forcing prefixes, Python loops of a rollout) out of the compiler: no recompiles, no graph breaks."""
+    for name, child in model.named_children():
+        if isinstance(model, nn.ModuleList) or isinstance(child, nn.Sequential):
+            child.compile()
+        else:
+            compile_blocks(child)
+
+
+def compile_step(fn, device):
+    """torch.compile a per-step inference call: a cached Euler or MaskGIT step, whose shapes and cache addresses stay
+    the same at every call (transformer.KVCache). On CUDA as a CUDA graph ("reduce-overhead"): at batch 1 a step is
+    hundreds of small kernels, which one graph replay launches at once."""
+    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
 
 def distributed():
@@ -309,8 +340,7 @@ def add_training_flags(parser):
     parser.add_argument("--log_every", type=positive(int), default=25, help="steps between log lines (default 25)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
     parser.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (off by default until its speed-up is measured on a GPU)")
+    add_compile_flag(parser)
     parser.add_argument("--save_every", type=positive(int), default=1000,
                         help="steps between training states (model, EMA, optimiser, RNGs, data position) in "
                              "checkpoints/ beside --out; one is also written on SIGTERM or Ctrl-C (default 1000)")
@@ -575,8 +605,8 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     if world > 1:  # starts by broadcasting rank 0's parameters and buffers
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    if args.compile:
-        net = torch.compile(net)
+    if use_compile(args, device):
+        compile_blocks(model)
 
     def save(step):
         rngs = [rng_states()]

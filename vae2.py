@@ -73,7 +73,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
     def forward(self, x, angles):  # x (B, N, D)
-        x = x + self.attention(self.norm1(x), angles)[0]
+        x = x + self.attention(self.norm1(x), angles)
         return x + self.mlp(self.norm2(x))
 
 

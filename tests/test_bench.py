@@ -31,8 +31,8 @@ def test_attention_flops_are_counted_on_cpu():
 
 
 def test_bench_play_reports_steps_per_second(tmp_path):
-    result = run("bench.py", "play", "--preset", "tiny", "--steps", 2, "--warmup", 1, "--runs", 1,
+    result = run("bench.py", "play", "--preset", "tiny", "--steps", 2, "--warmup", 1, "--runs", 1, "--compile",
                  "--json", tmp_path / "play.json")
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "play.json").read_text())
-    assert figures["steps_per_s"] > 0 and figures["maskgit_steps"] == 8
+    assert figures["steps_per_s"] > 0 and figures["maskgit_steps"] == 8 and figures["compile"]
