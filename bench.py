@@ -19,11 +19,14 @@ The DiT is timed without self-forcing (its extra no-gradient forward runs on a r
 generate: frames/s of the DiT's autoregressive generation at --steps Euler steps per frame with a context of
 seq_len - 1 frames, with the key/value cache (each Euler step runs the new frame's 220 tokens) and without it
 (every Euler step recomputes the whole window, as the seed did), on the same randomly initialised model (speed does not
-depend on the weights). The context's prefill and one warm-up frame are excluded.
+depend on the weights); `decoded_fps` is the cached one with the ViT-VAE's decode to 320x180 uint8 pixels on the host
+included, as generate.py runs (the VAE at the tiny preset for the tiny DiT, else the default). The context's prefill
+and one warm-up frame are excluded.
 
 play: steps/s of the Genie world (play.GenieWorld, batch 1): MaskGIT decoding of the next 16x16 token frame in
 --maskgit_steps steps with the cached context, then the tokenizer's decode to 64x64 pixels.
 
+--profile prints torch.profiler's table of one more step or frame: what limits the figure.
 --compile: train compiles the model's blocks as train_loop does (the default on CUDA, --no-compile to time eager);
 generate and play compile the per-step calls as generate.py and play.py do with --compile (CUDA graphs on CUDA).
 
@@ -48,9 +51,10 @@ import train_genie
 import train_vae
 import vae
 import vae2
+from generate import compile_world
 from play import GenieWorld
-from utils import (UserError, add_compile_flag, atomic_write_text, autocast, compile_blocks, compile_step, get_device,
-                   make_optimizer, positive, run_cli, train_step, use_compile)
+from utils import (UserError, add_compile_flag, atomic_write_text, autocast, compile_blocks, get_device, make_optimizer,
+                   positive, run_cli, to_uint8, train_step, use_compile)
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -71,8 +75,22 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def frames_per_second(model, context, frames, steps, cached, runs, device):
-    """Median frames/s over `runs` runs of `frames` frames each, after one untimed frame per run."""
+def print_profile(work, device, rows=15):
+    """Run work() once under torch.profiler and print the operations that took the most time (on the GPU when there
+    is one), to see what limits a figure: many short kernels (launch overhead), attention, matmuls, copies."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        work()
+        synchronize(device)
+    print(profile.key_averages().table(sort_by=f"self_{'cuda' if device.type == 'cuda' else 'cpu'}_time_total",
+                                       row_limit=rows))
+
+
+def frames_per_second(model, context, frames, steps, cached, runs, device, vae=None):
+    """Median frames/s over `runs` runs of `frames` frames each, after one untimed frame per run. With a VAE, each
+    frame is also decoded to uint8 pixels on the host, as generate.py does."""
     rates = []
     for _ in range(runs):
         stream = model.stream(context, steps, cached=cached)
@@ -80,7 +98,9 @@ def frames_per_second(model, context, frames, steps, cached, runs, device):
         synchronize(device)
         started = time.perf_counter()
         for _ in range(frames):
-            next(stream)
+            latents = next(stream)
+            if vae is not None:
+                to_uint8(vae.decode(latents[0] / model.config.latent_scale))
         synchronize(device)
         rates.append(frames / (time.perf_counter() - started))
     return statistics.median(rates)
@@ -89,8 +109,9 @@ def frames_per_second(model, context, frames, steps, cached, runs, device):
 def bench_generate(args, device):
     config = dit.PRESETS[args.preset]
     model = dit.DiT(config).to(device).eval()
+    vae = vae2.ViTVAE(vae2.PRESETS["tiny" if args.preset == "tiny" else "default"]).to(device).eval()
     if args.compile:
-        model.velocity = compile_step(model.velocity, device)
+        compile_world(vae, model, device)
     context = torch.randn(1, config.seq_len - 1, config.rows * config.cols, config.latent_dim, device=device)
     result = {"preset": args.preset, "device": str(device), "compile": args.compile,
               "params": sum(p.numel() for p in model.parameters()), "seq_len": config.seq_len, "steps": args.steps,
@@ -99,14 +120,19 @@ def bench_generate(args, device):
         for cached in (True, False):
             key = "cached_fps" if cached else "uncached_fps"
             result[key] = frames_per_second(model, context, args.frames, args.steps, cached, args.runs, device)
+        result["decoded_fps"] = frames_per_second(model, context, args.frames, args.steps, True, args.runs, device, vae)
     result["speedup"] = result["cached_fps"] / result["uncached_fps"]
     print(f"DiT {args.preset} ({result['params'] / 1e6:.1f}M parameters) on {device}, T = {config.seq_len}, "
           f"{args.steps} Euler steps per frame, batch 1")
     print(f"  {'':10s} {'frames/s':>10s} {'ms/frame':>10s}")
-    for name in ("cached", "uncached"):
+    for name in ("cached", "uncached", "decoded"):
         fps = result[f"{name}_fps"]
         print(f"  {name:10s} {fps:10.3f} {1000 / fps:10.1f}")
     print(f"  cached / uncached = {result['speedup']:.1f}x")
+    if args.profile:
+        print("profile of one decoded frame, cached:")
+        with torch.no_grad(), autocast(device):
+            print_profile(lambda: frames_per_second(model, context, 1, args.steps, True, 1, device, vae), device)
     return result
 
 
@@ -186,6 +212,9 @@ def bench_train(args, device):
           f"{result['achieved_tflops']:.3f} TFLOP/s, MFU "
           + (f"{100 * result['mfu']:.1f} % of {peak} TFLOP/s" if peak else "n/a (no known peak: --peak_tflops)")
           + (f", {syncs} host syncs per step" if syncs is not None else ""))
+    if args.profile:
+        print("profile of one training step:")
+        print_profile(step, device)
     return result
 
 
@@ -225,6 +254,9 @@ def bench_play(args, device):
               "steps_per_s": statistics.median(rates)}
     print(f"play {args.preset} on {device}: {result['steps_per_s']:.1f} steps/s ({1000 / result['steps_per_s']:.1f} "
           f"ms per step, {args.maskgit_steps} MaskGIT steps, context {config.context}, batch 1, decode included)")
+    if args.profile:
+        print("profile of one play step:")
+        print_profile(lambda: world.step([0]), device)
     return result
 
 
@@ -252,9 +284,12 @@ def main():
     p.add_argument("--steps", type=positive(int), default=10, help="Euler steps per frame (default 10)")
     p.add_argument("--frames", type=positive(int), default=4, help="timed frames per run (default 4)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the Euler step (CUDA graphs on CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the Euler step and the VAE decode (CUDA graphs on CUDA)")
     for p in sub.choices.values():
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+        p.add_argument("--profile", action="store_true",
+                       help="also print torch.profiler's table of the slowest operations of one step or frame")
         p.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     device = get_device(args.device)

@@ -86,10 +86,11 @@ def test_generate_user_errors(world, tmp_path):
     assert not (tmp_path / "a.mp4").exists()
 
 
-def test_bench_generate_reports_both_speeds(tmp_path):
-    result = run("bench.py", "generate", "--preset", "tiny", "--frames", 1, "--runs", 1, "--steps", 2,
+def test_bench_generate_reports_the_speeds(tmp_path):
+    result = run("bench.py", "generate", "--preset", "tiny", "--frames", 1, "--runs", 1, "--steps", 2, "--profile",
                  "--json", tmp_path / "bench.json")
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert figures["preset"] == "tiny" and figures["device"] == "cpu" and figures["params"] > 0
-    assert figures["cached_fps"] > 0 and figures["uncached_fps"] > 0
+    assert figures["cached_fps"] > 0 and figures["uncached_fps"] > 0 and figures["decoded_fps"] > 0
+    assert "aten::_scaled_dot_product" in result.stdout  # --profile's table of the slowest operations
