@@ -86,6 +86,20 @@ def print_profile(work, device, rows=15):
         synchronize(device)
     print(profile.key_averages().table(sort_by=f"self_{'cuda' if device.type == 'cuda' else 'cpu'}_time_total",
                                        row_limit=rows))
+    events = profile.events()
+    if device.type == "cuda":
+        kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+        print(f"{kernels} GPU kernels and copies")
+    else:  # in eager mode on a GPU, each would launch a kernel
+        leaves = sum(e.name.startswith("aten::") and not e.cpu_children and computes(e.name) for e in events)
+        print(f"{leaves} operations at the leaves of the call tree (views and allocations not counted)")
+
+
+def computes(name):
+    """Whether the aten operation `name` does work on the data: not a view, not an allocation."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    return name not in ("aten::empty", "aten::empty_strided") and not (
+        packet is not None and any(getattr(packet, overload).is_view for overload in packet.overloads()))
 
 
 def frames_per_second(model, context, frames, steps, cached, runs, device, vae=None):
@@ -132,7 +146,9 @@ def bench_generate(args, device):
     if args.profile:
         print("profile of one decoded frame, cached:")
         with torch.no_grad(), autocast(device):
-            print_profile(lambda: frames_per_second(model, context, 1, args.steps, True, 1, device, vae), device)
+            stream = model.stream(context, args.steps)
+            next(stream)
+            print_profile(lambda: to_uint8(vae.decode(next(stream)[0] / config.latent_scale)), device)
     return result
 
 
