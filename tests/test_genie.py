@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
@@ -27,6 +28,18 @@ def test_play_batch_writes_every_frame(genie, tmp_path):
     assert result.returncode == 0, result.stderr
     assert len(list(tmp_path.glob("frame_*.png"))) == 11  # the prompt and one frame per action
     assert (tmp_path / "rollout.gif").stat().st_size > 0 and (tmp_path / "rollout.mp4").stat().st_size > 0
+
+
+def test_play_compiled_gives_the_eager_frames(genie, tmp_path):
+    frames = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flags else "eager")
+        result = run("play.py", "--models", genie / "models", "--data", genie / "coinrun", "--actions", "1,4,4,6,2",
+                     "--temperature", 0, "--output_dir", out, *flags)
+        assert result.returncode == 0, result.stderr
+        frames[bool(flags)] = np.stack([cv2.imread(str(p)) for p in sorted(out.glob("frame_*.png"))])
+    assert frames[True].shape == (6, 256, 256, 3)
+    assert (np.abs(frames[True].astype(int) - frames[False]) > 1).mean() < 0.01
 
 
 def test_play_terminal_reads_keys(genie, tmp_path):
