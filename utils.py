@@ -127,7 +127,7 @@ def compile_blocks(model):
     nn.ModuleList (transformer blocks, which share one compiled graph) and every nn.Sequential outside one (the conv
     tokenizer's encoder and decoder). Compiling blocks rather than the whole loss keeps the loss's host-side choices
     (random context-forcing prefixes, Python loops of a rollout) out of the compiler: no recompiles, no graph breaks."""
-    for name, child in model.named_children():
+    for child in model.children():
         if isinstance(model, nn.ModuleList) or isinstance(child, nn.Sequential):
             child.compile()
         else:
