@@ -181,6 +181,15 @@ class WebSession:
         self.world, self.frames = world, [world.reset(first_frame[None])[0]]
 
 
+def warm_up(world):
+    """One reset, step and undo of a throwaway world on the same models."""
+    size = world.tokenizer.config.image_size
+    scratch = world.spawn(0)
+    scratch.reset(np.zeros((1, size, size, 3), np.uint8))
+    scratch.step([0])
+    scratch.undo()
+
+
 def png_data_url(frame):
     return "data:image/png;base64," + base64.b64encode(cv2.imencode(".png", frame[..., ::-1])[1]).decode()
 
@@ -299,6 +308,9 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
                              "step": len(session.frames) - 1, "num_actions": world.num_actions,
                              "ms": (time.perf_counter() - started) * 1000}
 
+    # The first calls compile (--compile) and warm up the kernels: make them now, on the model thread (where CUDA graphs
+    # must be recorded), rather than at the player's first key.
+    model_thread.submit(warm_up, world).result()
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as e:
@@ -348,6 +360,7 @@ def main():
                             temperature=args.temperature, seed=args.seed)
     if args.compile:
         world.compile()
+        print("--compile: the first step compiles, which takes a minute or two", file=sys.stderr, flush=True)
     actions = parse_actions(args.actions, world.num_actions) if args.actions is not None else None
     rng = np.random.default_rng(args.seed)
     first = prompt_frame(args, rng)
