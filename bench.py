@@ -51,10 +51,10 @@ import train_genie
 import train_vae
 import vae
 import vae2
-from generate import compile_world
+from generate import compile_world, decode_frame
 from play import GenieWorld
-from utils import (UserError, add_compile_flag, atomic_write_text, autocast, compile_blocks, get_device, make_optimizer,
-                   positive, run_cli, to_uint8, train_step, use_compile)
+from utils import (UserError, add_compile_flag, add_step_compile_flag, atomic_write_text, autocast, compile_blocks,
+                   get_device, make_optimizer, positive, run_cli, train_step, use_compile)
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -114,7 +114,7 @@ def frames_per_second(model, context, frames, steps, cached, runs, device, vae=N
         for _ in range(frames):
             latents = next(stream)
             if vae is not None:
-                to_uint8(vae.decode(latents[0] / model.config.latent_scale))
+                decode_frame(vae, model, latents)
         synchronize(device)
         rates.append(frames / (time.perf_counter() - started))
     return statistics.median(rates)
@@ -148,7 +148,7 @@ def bench_generate(args, device):
         with torch.no_grad(), autocast(device):
             stream = model.stream(context, args.steps)
             next(stream)
-            print_profile(lambda: to_uint8(vae.decode(next(stream)[0] / config.latent_scale)), device)
+            print_profile(lambda: decode_frame(vae, model, next(stream)), device)
     return result
 
 
@@ -294,14 +294,13 @@ def main():
     p.add_argument("--steps", type=positive(int), default=20, help="timed play steps per run (default 20)")
     p.add_argument("--warmup", type=positive(int), default=3, help="untimed steps first (default 3)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the MaskGIT step and decode (CUDA graphs)")
+    add_step_compile_flag(p)
     p = sub.add_parser("generate", help="DiT generation frames/s with and without the key/value cache")
     p.add_argument("--preset", default="tiny", choices=list(dit.PRESETS), help="DiT size (default tiny)")
     p.add_argument("--steps", type=positive(int), default=10, help="Euler steps per frame (default 10)")
     p.add_argument("--frames", type=positive(int), default=4, help="timed frames per run (default 4)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the Euler step and the VAE decode (CUDA graphs on CUDA)")
+    add_step_compile_flag(p)
     for p in sub.choices.values():
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--profile", action="store_true",

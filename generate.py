@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from dataset import WindowDataset, open_frames
 from dit import DiT, check_vae
-from utils import (UserError, autocast, compile_step, first_line, get_device, load_model, positive, run_cli, to_uint8,
-                   write_gif, write_mp4)
+from utils import (UserError, add_step_compile_flag, autocast, compile_step, first_line, get_device, load_model,
+                   positive, run_cli, to_uint8, write_gif, write_mp4)
 from vae2 import ViTVAE
 
 
@@ -55,6 +55,11 @@ def compile_world(vae, model, device):
     vae.decode = compile_step(vae.decode, device)
 
 
+def decode_frame(vae, model, latents):
+    """A generated frame's scaled latents (1, 1, N, C) -> uint8 pixels (1, H, W, 3), as the video gets them."""
+    return to_uint8(vae.decode(latents[0] / model.config.latent_scale))
+
+
 def main():
     parser = argparse.ArgumentParser(description="Generate a continuation video from a prompt video.")
     parser.add_argument("--prompt_video", required=True, help="video file or frame store to take the prompt from")
@@ -71,9 +76,7 @@ def main():
     parser.add_argument("--side_by_side", action="store_true",
                         help="show the true continuation on the left (the prompt video must be long enough)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the per-frame calls, as CUDA graphs on CUDA (off by default: it "
-                             "takes a minute or two to compile, and its gain on a GPU is not measured yet)")
+    add_step_compile_flag(parser)
     args = parser.parse_args()
     if not 0 < args.context_t <= 1:
         raise UserError(f"--context_t must be in (0, 1], not {args.context_t}")
@@ -114,7 +117,7 @@ def main():
         started = time.time()
         with tqdm(total=args.num_frames, unit="frame", desc="generate") as bar:
             for i in range(args.num_frames):
-                frames.append(to_uint8(vae.decode(next(stream)[0] / scale)))
+                frames.append(decode_frame(vae, model, next(stream)))
                 bar.update()
                 bar.set_postfix(fps=f"{(i + 1) / (time.time() - started):.2f}")
 

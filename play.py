@@ -34,8 +34,8 @@ import torch
 
 from dataset import FrameStore, split_episodes
 from dynamics import Dynamics
-from utils import (UserError, autocast, compile_step, get_device, load_model, run_cli, seed_everything, to_uint8,
-                   write_gif, write_mp4)
+from utils import (UserError, add_step_compile_flag, autocast, compile_step, get_device, load_model, run_cli,
+                   seed_everything, to_uint8, write_gif, write_mp4)
 from vae import Tokenizer
 
 
@@ -349,9 +349,7 @@ def main():
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the per-step calls, as CUDA graphs on CUDA (off by default: it "
-                             "takes a minute or two to compile, and its gain on a GPU is not measured yet)")
+    add_step_compile_flag(parser)
     args = parser.parse_args()
     if args.maskgit_steps < 1:
         raise UserError("--maskgit_steps must be at least 1")

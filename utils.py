@@ -118,6 +118,13 @@ def add_compile_flag(parser):
                              "or two of compiling outweighs the short runs a CPU is used for)")
 
 
+def add_step_compile_flag(parser):
+    """--compile of the generators (generate.py, play.py, bench.py generate|play): see compile_step."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the per-step calls, as CUDA graphs on CUDA (off by default: it takes a "
+                             "minute or two to compile, and its gain on a GPU is not measured yet)")
+
+
 def use_compile(args, device):
     return args.compile if args.compile is not None else device.type == "cuda"
 
