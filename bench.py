@@ -6,7 +6,7 @@
   python bench.py generate --preset default --frames 1 --runs 1             # CPU, about 5 minutes
   python bench.py play --preset tiny                                        # Genie play steps/s
 
-train: one training step as train_loop runs it (utils.train_step: bf16 autocast on CUDA, fp32 on CPU; loss,
+train: one training step as train_loop runs it (training.train_step: bf16 autocast on CUDA, fp32 on CPU; loss,
 backward, gradient clipping, the finite check, fused AdamW) on random inputs of the model's training shape. Reports
 the step time, samples/s, tokens/s and the model FLOPs utilisation: mfu = FLOPs per step / step time / peak FLOP/s.
 The FLOPs per step are those of the forward and backward pass, counted by torch.utils.flop_counter on the real model
@@ -53,8 +53,8 @@ import vae
 import vae2
 from generate import compile_world, decode_frame
 from play import GenieWorld
-from utils import (UserError, add_compile_flag, add_step_compile_flag, atomic_write_text, autocast, compile_blocks,
-                   get_device, make_optimizer, positive, run_cli, train_step, use_compile)
+from training import add_compile_flag, compile_blocks, make_optimizer, train_step, use_compile
+from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, positive, run_cli
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -105,14 +105,14 @@ def computes(name):
 def frames_per_second(model, context, frames, steps, cached, runs, device, vae=None):
     """Median frames/s over `runs` runs of `frames` frames each, after one untimed frame per run. With a VAE, each
     frame is also decoded to uint8 pixels on the host, as generate.py does."""
-    rates = []
+    rates, sampler = [], dit.Sampler(model, steps, cached=cached)
     for _ in range(runs):
-        stream = model.stream(context, steps, cached=cached)
-        next(stream)  # prefill of the cache and a warm-up frame
+        sampler.start(context)
+        sampler.next_frame()  # a warm-up frame
         synchronize(device)
         started = time.perf_counter()
         for _ in range(frames):
-            latents = next(stream)
+            latents = sampler.next_frame()
             if vae is not None:
                 decode_frame(vae, model, latents)
         synchronize(device)
@@ -146,9 +146,9 @@ def bench_generate(args, device):
     if args.profile:
         print("profile of one decoded frame, cached:")
         with torch.no_grad(), autocast(device):
-            stream = model.stream(context, args.steps)
-            next(stream)
-            print_profile(lambda: decode_frame(vae, model, next(stream)), device)
+            sampler = dit.Sampler(model, args.steps).start(context)
+            sampler.next_frame()
+            print_profile(lambda: decode_frame(vae, model, sampler.next_frame()), device)
     return result
 
 

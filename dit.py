@@ -10,10 +10,10 @@ t (context_t, slightly noisy) while the new frame is integrated from t = 0 to 1.
 
 Network: the spatio-temporal transformer of transformer.py (spatial attention over the 220 tokens of a frame with
 2-D RoPE, causal temporal attention per token position with 1-D RoPE computed for any frame index, QK-norm), with
-the flow time as its per-frame adaLN-Zero condition: a frame's t is embedded once per frame, not once per token (the
-seed's per-token FiLM MLP held over half its parameters and FLOPs). The output projection starts at zero.
+the flow time as its per-frame adaLN-Zero condition: a frame's t is the same for all its tokens, so it is embedded
+once per frame, not once per token. The output projection starts at zero.
 
-Training options (both off unless asked; see `forward`):
+Training options (both off unless asked; see `forward` and `context_forced`):
   self-forcing (the seed's, --self_forcing_p): with probability p a sample's noise endpoint x_0 is replaced by the
       one the model itself back-projects from a random intermediate point, without gradient:
           x_m   = (1 - m) * x_0 + m * x_1,   m ~ U(0, 1) per frame
@@ -23,7 +23,7 @@ Training options (both off unless asked; see `forward`):
       autoregressive rollout from that prefix (no gradient through it), and the loss is taken on the real frames
       after them only: the model learns to continue from contexts that carry its own errors (exposure bias).
 
-Generation (`rollout`): context frames are noised once to context_t and their temporal keys/values cached; each
+Generation (`Sampler`): context frames are noised once to context_t and their temporal keys/values cached; each
 Euler step of a new frame runs the network on that frame's N tokens only. The finished frame is re-noised to
 context_t and run once more to join the cache, which keeps the last seq_len - 1 frames. Inside the training length
 this equals recomputing the whole window at every step (`cached=False`); past it, a frame keeps the keys it got when
@@ -38,7 +38,6 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from transformer import STTransformer
-from utils import UserError
 
 
 @dataclass
@@ -62,10 +61,10 @@ PRESETS = {
 
 
 def check_vae(config, vae_config):
-    """The DiT's latent grid must be the VAE's: a one-line error (utils.UserError) otherwise."""
+    """The DiT's latent grid must be the VAE's: ValueError otherwise."""
     expected = (vae_config.tokens, vae_config.latent_dim)
     if (config.rows * config.cols, config.latent_dim) != expected:
-        raise UserError(f"the VAE makes latents of shape {expected}, the DiT takes "
+        raise ValueError(f"the VAE makes latents of shape {expected}, the DiT takes "
                         f"({config.rows * config.cols}, {config.latent_dim}): train them on the same VAE")
 
 
@@ -96,19 +95,13 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         cond = self.time_embed(timestep_embedding(t, 256))  # (B, T, D): once per frame
         return self.out(self.transformer(self.embed(x), cond, cache))
 
-    def forward(self, x1, self_forcing_p=0.0, context_forcing=0, rollout_steps=4, context_t=0.95):
-        """Flow-matching loss of clean scaled latents x1 (B, T, N, C) -> (loss, logs). See the module docstring."""
+    def forward(self, x1, self_forcing_p=0.0, frame_weight=None):
+        """Flow-matching loss of clean scaled latents x1 (B, T, N, C) -> (loss, logs); frame_weight (B, T) weighs each
+        frame's error (default 1: all frames). See the module docstring for self-forcing."""
         b, t_len = x1.shape[:2]
-        frame_weight = x1.new_ones(b, t_len)
+        x0 = torch.randn_like(x1)
         # The random choices that decide what runs are drawn on the host (Python's RNG, saved in training states):
         # drawn on the GPU, the host would have to wait for them before it could queue the work.
-        if context_forcing:
-            prefix = random.randrange(1, t_len - context_forcing)
-            with torch.no_grad():
-                generated = self.rollout(x1[:, :prefix], context_forcing, rollout_steps, context_t)
-            x1 = torch.cat([x1[:, :prefix], generated.to(x1.dtype), x1[:, prefix + context_forcing:]], dim=1)
-            frame_weight[:, prefix:prefix + context_forcing] = 0  # no target for the model's own frames
-        x0 = torch.randn_like(x1)
         if self_forcing_p > 0:
             chosen = [random.random() < self_forcing_p for _ in range(b)]
             if any(chosen):
@@ -121,53 +114,84 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         t = torch.rand(b, t_len, device=x1.device)
         xt = (1 - t[..., None, None]) * x0 + t[..., None, None] * x1
         error = (self.velocity(xt, t).float() - (x1 - x0).float()).pow(2).mean(dim=(2, 3))  # (B, T)
+        frame_weight = x1.new_ones(b, t_len) if frame_weight is None else frame_weight
         loss = (error * frame_weight).sum() / frame_weight.sum()
         return loss, {"flow": loss.detach()}
 
-    @torch.no_grad()
-    def rollout(self, context, num_frames, steps=10, context_t=0.95, generator=None, cached=True):
-        """Continue clean scaled latents context (B, P, N, C) by num_frames frames -> (B, num_frames, N, C)."""
-        frames = self.stream(context, steps, context_t, generator, cached)
-        return torch.cat([next(frames) for _ in range(num_frames)], dim=1)
+
+def context_forced(sampler, x1, frames):
+    """Context forcing: the `frames` frames of each clip x1 (B, T, N, C) after a random real prefix are replaced by
+    the sampler's rollout from that prefix (no gradient through it) -> (x1, frame_weight (B, T)), the weight 0 on
+    the model's own frames, so that the loss is taken on the real frames after them."""
+    b, t_len = x1.shape[:2]
+    prefix = random.randrange(1, t_len - frames)  # on the host, as the choices of DiT.forward
+    generated = sampler.rollout(x1[:, :prefix], frames)
+    x1 = torch.cat([x1[:, :prefix], generated.to(x1.dtype), x1[:, prefix + frames:]], dim=1)
+    frame_weight = x1.new_ones(b, t_len)
+    frame_weight[:, prefix:prefix + frames] = 0
+    return x1, frame_weight
+
+
+class Sampler:
+    """Autoregressive generation with a DiT: generate.py, evaluate.py, bench.py and context forcing use it.
+
+    Each new frame starts as noise at t = 0 and is integrated with `steps` Euler steps while the context is held at
+    context_t; it then joins the context. With `cached` (the default) the context's temporal keys/values live in a
+    transformer.KVCache, so each Euler step runs only the new frame's N tokens; the finished frame is re-noised to
+    context_t and run once more to join the cache (when the next frame is asked for), which keeps the last
+    seq_len - 1 frames. The cache is made by the first start() and emptied in place by later ones of the same batch
+    size, so every continuation runs on the same tensors, as a CUDA graph of the step needs. With cached=False every
+    Euler step recomputes the whole window (the reference the cache is tested against).
+    """
+
+    def __init__(self, model, steps=10, context_t=0.95, cached=True):
+        self.model, self.steps, self.context_t, self.cached = model, steps, context_t, cached
+        self.window = model.config.seq_len - 1
+        self.cache = self.past = self.last = self.generator = None
+
+    def noise(self, like):
+        return torch.randn(like.shape, device=like.device, generator=self.generator, dtype=like.dtype)
+
+    def times(self, value, frames):  # (B, frames) filled with the flow time `value`
+        return torch.full((self.past.shape[0], frames), value, device=self.past.device)
+
+    def join(self, frames):
+        """Clean frames (B, F, N, C) join the context at context_t (and the cache, one frame at a time)."""
+        noised = (1 - self.context_t) * self.noise(frames) + self.context_t * frames
+        self.past = noised if self.past is None else torch.cat([self.past, noised], dim=1)[:, -self.window:]
+        for i in range(noised.shape[1] if self.cached else 0):
+            # contiguous: a step's strides, so that a compiled step serves both
+            self.model.velocity(noised[:, i:i + 1].contiguous(), self.times(self.context_t, 1), self.cache)
+            self.cache.commit()
 
     @torch.no_grad()
-    def stream(self, context, steps=10, context_t=0.95, generator=None, cached=True):
-        """Yield the frames that continue context (B, P, N, C), one (B, 1, N, C) at a time, without end.
+    def start(self, context, generator=None):
+        """Begin a continuation of the clean scaled latents context (B, P, N, C), its noise drawn from `generator`
+        (the global RNG when None). Returns the sampler."""
+        self.generator, self.past, self.last = generator, None, None
+        if self.cached:
+            self.cache = self.model.transformer.new_cache(len(context), self.window, context.device, reuse=self.cache)
+        self.join(context[:, -self.window:])
+        return self
 
-        Each new frame is integrated from noise with `steps` Euler steps while the context is held at context_t.
-        """
-        b, device, window = context.shape[0], context.device, self.config.seq_len - 1
+    @torch.no_grad()
+    def next_frame(self):
+        """The next frame's clean scaled latents (B, 1, N, C)."""
+        if self.last is not None:
+            self.join(self.last)
+        x = self.noise(self.past[:, :1])  # (B, 1, N, C) at t = 0
+        for k in range(self.steps):
+            if self.cached:
+                v = self.model.velocity(x, self.times(k / self.steps, 1), self.cache)
+            else:
+                t = torch.cat([self.times(self.context_t, self.past.shape[1]), self.times(k / self.steps, 1)], dim=1)
+                v = self.model.velocity(torch.cat([self.past, x], dim=1), t)[:, -1:]
+            x = x + v.to(x.dtype) / self.steps
+        self.last = x
+        return x
 
-        def noise(frames):
-            return torch.randn(frames.shape, device=device, generator=generator, dtype=frames.dtype)
-
-        def at_context_t(frames):  # (B, P, N, C) -> the same frames noised to context_t
-            return (1 - context_t) * noise(frames) + context_t * frames
-
-        def times(value, frames):
-            return torch.full((b, frames), value, device=device)
-
-        def remember(frames):  # (B, F, N, C) at context_t join the cache, one frame at a time
-            for i in range(frames.shape[1]):  # contiguous: a step's strides, so that a compiled step serves both
-                self.velocity(frames[:, i:i + 1].contiguous(), times(context_t, 1), cache)
-                cache.commit()
-
-        past = at_context_t(context[:, -window:])  # (B, P, N, C): fixed while the new frame is integrated
-        cache = None
-        if cached:
-            cache = self.transformer.new_cache(b, window, device)
-            remember(past)
-        while True:
-            x = noise(context[:, :1])  # (B, 1, N, C) at t = 0
-            for k in range(steps):
-                if cached:
-                    v = self.velocity(x, times(k / steps, 1), cache)
-                else:  # the reference: the whole window through the network at every step
-                    t = torch.cat([times(context_t, past.shape[1]), times(k / steps, 1)], dim=1)
-                    v = self.velocity(torch.cat([past, x], dim=1), t)[:, -1:]
-                x = x + v.to(x.dtype) / steps
-            yield x
-            joined = at_context_t(x)
-            past = torch.cat([past, joined], dim=1)[:, -window:]
-            if cached:
-                remember(joined)
+    @torch.no_grad()
+    def rollout(self, context, num_frames, generator=None):
+        """Continue context (B, P, N, C) by num_frames frames -> (B, num_frames, N, C)."""
+        self.start(context, generator)
+        return torch.cat([self.next_frame() for _ in range(num_frames)], dim=1)

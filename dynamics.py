@@ -2,7 +2,7 @@
 
 Legend: B batch, T frames, N = rows * cols tokens per frame (16 x 16), D model dim, V codebook size.
 
-The model sees the full token grid of every context frame (never a pooled summary, the seed's mistake) through the
+The model sees the full token grid of every context frame (a pooled summary would lose where things are) through the
 spatio-temporal transformer of transformer.py. Frame t is conditioned (adaLN, per frame) on the latent action a_{t-1}
 that led to it; frame 0 gets a learned "no action" embedding.
 
@@ -10,7 +10,7 @@ Training (MaskGIT): each frame after the first has its own masking ratio, cos(pi
 tokens are replaced by a [MASK] token and predicted with cross-entropy. The first frame is never masked: it is the
 context every clip starts from. Causal attention in time lets one clip train every transition at once.
 
-Sampling: the next frame starts fully masked and is decoded in `steps` parallel steps: sample all masked tokens
+Sampling (`Sampler`): the next frame starts fully masked and is decoded in `steps` parallel steps: sample all masked tokens
 (temperature), keep the most confident, re-mask the rest so that cos(pi/2 * s / steps) of the frame stays masked after
 step s. The context's temporal keys/values are cached (transformer.KVCache), so each step runs only the new frame's
 N tokens; the finished frame is pushed through once more to join the cache, which slides over `context` frames.
@@ -82,64 +82,87 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         accuracy = ((logits.argmax(-1) == target).float() * weight).sum()
         return loss, {"ce": loss.detach(), "acc": accuracy.detach()}
 
-    # ------------------------------------------------------------------------- sampling
+
+def maskgit_decode(logits_fn, batch, n, mask_token, steps, temperature, generator, device):
+    """MaskGIT's parallel decoding of one frame of n tokens, batched: logits_fn (B, 1, n) tokens with [MASK] where
+    unknown -> (B, n, V) logits. Returns the tokens (B, n)."""
+    tokens = torch.full((batch, n), mask_token, dtype=torch.long, device=device)
+    for s in range(steps):
+        logits = logits_fn(tokens[:, None]).float()  # (B, N, V)
+        masked = tokens == mask_token
+        if temperature > 0:
+            u = torch.rand(logits.shape, device=device, generator=generator).clamp_(1e-20, 1)
+            sampled = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max sampling
+        else:
+            sampled = logits.argmax(-1)
+        confidence = F.log_softmax(logits, dim=-1).gather(-1, sampled[..., None])[..., 0]
+        if temperature > 0:  # MaskGIT's annealed noise on the confidence: more exploration in early steps
+            u = torch.rand(confidence.shape, device=device, generator=generator).clamp_(1e-20, 1)
+            confidence = confidence - temperature * (1 - (s + 1) / steps) * torch.log(-torch.log(u))
+        tokens = torch.where(masked, sampled, tokens)
+        confidence = confidence.masked_fill(~masked, float("inf"))  # tokens fixed earlier stay fixed
+        still_masked = math.floor(n * math.cos(math.pi / 2 * (s + 1) / steps))
+        if still_masked > 0:
+            remask = confidence.topk(still_masked, dim=-1, largest=False).indices
+            tokens = tokens.scatter(-1, remask, mask_token)
+    return tokens
+
+
+class Sampler:
+    """The next frames of a Dynamics model, one latent action at a time: play.py, evaluate.py and bench.py use it.
+
+    start() takes the context frames; each step(action) decodes the next frame by MaskGIT in `steps` parallel steps
+    at `temperature` (0: greedy), and the frame joins the context, a window of the last context - 1 frames. With
+    `cached` (the default) the context's temporal keys/values live in a transformer.KVCache, so each decoding step
+    runs only the new frame's N tokens, and the finished frame is pushed through once more to join the cache. The
+    cache is made by the first start() and emptied in place by later ones of the same batch size, so every rollout,
+    reset and undo runs on the same tensors, as a CUDA graph of the step needs. With cached=False every decoding step
+    recomputes the whole window (the reference the cache is tested against).
+    """
+
+    def __init__(self, model, steps=8, temperature=1.0, cached=True):
+        self.model, self.steps, self.temperature, self.cached = model, steps, temperature, cached
+        self.window = model.config.context - 1
+        self.cache = self.context = self.conditions = None
 
     @torch.no_grad()
     def start(self, tokens, actions=None):
-        """Prefill a cache with context frames: tokens (B, T, rows, cols), actions (B, T - 1) between them."""
-        if actions is None:
-            actions = tokens.new_zeros(tokens.shape[0], tokens.shape[1] - 1)
-        cache = self.transformer.new_cache(tokens.shape[0], self.config.context - 1, tokens.device)
-        tokens, cond = tokens.flatten(2), self.frame_conditions(actions)
-        for i in range(tokens.shape[1]):
-            self.hidden(tokens[:, i:i + 1], cond[:, i:i + 1], cache)
-            cache.commit()
-        return cache
+        """Begin from context frames: tokens (B, T, rows, cols), actions (B, T - 1) between them (default 0).
+        Returns the sampler."""
+        model = self.model
+        b, t = tokens.shape[:2]
+        actions = tokens.new_zeros(b, t - 1) if actions is None else actions
+        tokens = tokens.flatten(2)  # (B, T, N)
+        # each frame's condition: the action that led to it, "no action" for the first
+        conditions = torch.cat([actions.new_full((b, 1), model.no_action), actions], dim=1)  # (B, T)
+        self.context, self.conditions = tokens[:, -self.window:], conditions[:, -self.window:]
+        if self.cached:
+            self.cache = model.transformer.new_cache(b, self.window, tokens.device, reuse=self.cache)
+            cond = model.action_embed(conditions)
+            for i in range(t):  # all of them, so that each frame's keys saw the frames before it
+                model.hidden(tokens[:, i:i + 1], cond[:, i:i + 1], self.cache)
+                self.cache.commit()
+        return self
 
     @torch.no_grad()
-    def step(self, cache, action, steps=8, temperature=1.0, generator=None):
-        """Decode the next frame after the cached context, given the action (B,) leading to it; it joins the cache.
-        Returns its tokens (B, rows, cols)."""
-        cond = self.action_embed(action)[:, None]  # (B, 1, D)
-        tokens = self.decode(lambda t: self.head(self.hidden(t, cond, cache))[:, 0], len(action), steps, temperature,
-                             generator)
-        self.hidden(tokens[:, None], cond, cache)
-        cache.commit()
-        return tokens.view(-1, self.config.rows, self.config.cols)
+    def step(self, action, generator=None):
+        """Decode the next frame, given the action (B,) leading to it; it joins the context. -> tokens (B, rows, cols)."""
+        model, c = self.model, self.model.config
+        if self.cached:
+            cond = model.action_embed(action)[:, None]  # (B, 1, D)
 
-    @torch.no_grad()
-    def step_uncached(self, context, context_actions, action, steps=8, temperature=1.0, generator=None):
-        """The same prediction recomputing the whole context at every decoding step (reference for tests, bench)."""
-        context = context.flatten(2)[:, -(self.config.context - 1):]
-        cond = self.frame_conditions(torch.cat([context_actions, action[:, None]], dim=1))[:, -context.shape[1] - 1:]
+            def logits(new):  # new (B, 1, N)
+                return model.head(model.hidden(new, cond, self.cache))[:, 0]
+        else:
+            cond = model.action_embed(torch.cat([self.conditions, action[:, None]], dim=1))
 
-        def logits(new):  # new (B, 1, N)
-            return self.head(self.hidden(torch.cat([context, new], dim=1), cond))[:, -1]
-
-        tokens = self.decode(logits, len(action), steps, temperature, generator)
-        return tokens.view(-1, self.config.rows, self.config.cols)
-
-    def decode(self, logits_fn, batch, steps, temperature, generator):
-        """MaskGIT's parallel decoding of one frame, batched: logits_fn (B, 1, N) tokens -> (B, N, V) logits."""
-        n = self.config.rows * self.config.cols
-        device = self.head.weight.device
-        tokens = torch.full((batch, n), self.mask_token, dtype=torch.long, device=device)
-        for s in range(steps):
-            logits = logits_fn(tokens[:, None]).float()  # (B, N, V)
-            masked = tokens == self.mask_token
-            if temperature > 0:
-                u = torch.rand(logits.shape, device=device, generator=generator).clamp_(1e-20, 1)
-                sampled = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max sampling
-            else:
-                sampled = logits.argmax(-1)
-            confidence = F.log_softmax(logits, dim=-1).gather(-1, sampled[..., None])[..., 0]
-            if temperature > 0:  # MaskGIT's annealed noise on the confidence: more exploration in early steps
-                u = torch.rand(confidence.shape, device=device, generator=generator).clamp_(1e-20, 1)
-                confidence = confidence - temperature * (1 - (s + 1) / steps) * torch.log(-torch.log(u))
-            tokens = torch.where(masked, sampled, tokens)
-            confidence = confidence.masked_fill(~masked, float("inf"))  # tokens fixed earlier stay fixed
-            still_masked = math.floor(n * math.cos(math.pi / 2 * (s + 1) / steps))
-            if still_masked > 0:
-                remask = confidence.topk(still_masked, dim=-1, largest=False).indices
-                tokens = tokens.scatter(-1, remask, self.mask_token)
-        return tokens
+            def logits(new):
+                return model.head(model.hidden(torch.cat([self.context, new], dim=1), cond))[:, -1]
+        tokens = maskgit_decode(logits, len(action), c.rows * c.cols, model.mask_token, self.steps, self.temperature,
+                                generator, action.device)
+        if self.cached:
+            model.hidden(tokens[:, None], cond, self.cache)
+            self.cache.commit()
+        self.context = torch.cat([self.context, tokens[:, None]], dim=1)[:, -self.window:]
+        self.conditions = torch.cat([self.conditions, action[:, None]], dim=1)[:, -self.window:]
+        return tokens.view(-1, c.rows, c.cols)

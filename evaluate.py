@@ -39,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import dit
+import dynamics
 from dataset import FrameStore, WindowDataset, open_frames, require_size, spread_frames
 from generate import load_world
-from dynamics import Dynamics
 from lam import LatentActionModel
 from utils import UserError, atomic_path, atomic_write_text, autocast, get_device, load_model, positive, run_cli, \
     seed_everything
@@ -112,15 +113,10 @@ def draw_confusion(path, table, row_names, title):
 
 
 @torch.no_grad()
-def rollout(tokenizer, dynamics, first, actions, steps, temperature, generator):
+def rollout(tokenizer, sampler, first, actions, generator):
     """Generate frames from the prompt first (B, 3, H, W) and actions (B, L): -> (B, L, 3, H, W)."""
-    tokens = tokenizer.encode(first)
-    cache = dynamics.start(tokens[:, None])
-    frames = []
-    for t in range(actions.shape[1]):
-        tokens = dynamics.step(cache, actions[:, t], steps, temperature, generator)
-        frames.append(tokenizer.decode(tokens))
-    return torch.stack(frames, dim=1)
+    sampler.start(tokenizer.encode(first)[:, None])
+    return torch.stack([tokenizer.decode(sampler.step(actions[:, t], generator)) for t in range(actions.shape[1])], 1)
 
 
 @torch.no_grad()
@@ -130,7 +126,8 @@ def evaluate_genie(args):
     action_model = load_model(LatentActionModel, models / "lam", device)
     # A folder with only lam/ (an ablation run with --phase lam) gets the latent-action figures alone.
     tokenizer = load_model(Tokenizer, models / "tokenizer", device) if (models / "tokenizer").exists() else None
-    dynamics = load_model(Dynamics, models / "dynamics", device) if (models / "dynamics").exists() else None
+    dynamics_model = load_model(dynamics.Dynamics, models / "dynamics", device) if (models / "dynamics").exists() else None
+    sampler = dynamics.Sampler(dynamics_model, args.maskgit_steps, args.temperature) if dynamics_model is not None else None
     store = FrameStore(args.data)
     if not store.has_actions:
         raise UserError(f"{args.data} has no true actions to compare the latent actions with (collect a game store)")
@@ -150,13 +147,12 @@ def evaluate_genie(args):
         tokens = tokenizer.encode(frames.flatten(0, 1))
         tokenizer_psnr.append(psnr(tokenizer.decode(tokens), frames.flatten(0, 1)).cpu())
         codes.append(tokens.unique().cpu())
-        if dynamics is None:
+        if dynamics_model is None:
             continue
         target = frames[:, 1:]
-        shuffled = torch.randint(0, dynamics.config.num_actions, actions.shape, device=device, generator=generator)
+        shuffled = torch.randint(0, dynamics_model.config.num_actions, actions.shape, device=device, generator=generator)
         for acts, out in ((actions, inferred_psnr), (shuffled, random_psnr)):
-            out.append(psnr(rollout(tokenizer, dynamics, frames[:, 0], acts, args.maskgit_steps, args.temperature,
-                                    generator), target).cpu())
+            out.append(psnr(rollout(tokenizer, sampler, frames[:, 0], acts, generator), target).cpu())
         baseline_psnr.append(psnr(frames[:, :1].expand_as(target), target).cpu())
 
     latent, true = torch.cat(latent).numpy(), torch.cat(true).numpy()
@@ -175,7 +171,7 @@ def evaluate_genie(args):
     if tokenizer is not None:
         results["tokenizer_psnr"] = float(torch.cat(tokenizer_psnr).mean())
         results["codebook_used"] = len(torch.cat(codes).unique()) / tokenizer.config.num_codes
-    if dynamics is not None:
+    if dynamics_model is not None:
         inferred, shuffled, baseline = (torch.cat(x).mean(0) for x in (inferred_psnr, random_psnr, baseline_psnr))
         t4 = min(4, args.horizon) - 1
         results.update(delta_psnr_t4=float(inferred[t4] - shuffled[t4]), delta_psnr_long=float(inferred[-1] - shuffled[-1]),
@@ -196,7 +192,7 @@ def evaluate_genie(args):
     print(f"latent actions used   {results['lam_codes_used']} of {num_actions} (>= 2 %), perplexity "
           f"{results['lam_perplexity']:.2f}, usage " + " ".join(f"{u:.0%}" for u in usage))
     print(f"NMI with true actions {results['nmi']:.3f} (chance level {results['nmi_chance']:.3f})")
-    if dynamics is not None:
+    if dynamics_model is not None:
         print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
               f"{results['delta_psnr_long']:+.2f} dB")
         print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
@@ -272,6 +268,7 @@ def evaluate_dit(args):
     picks = np.linspace(0, len(windows) - 1, min(args.clips, len(windows))).round().astype(int)
     generator = torch.Generator(device).manual_seed(args.seed)
     scale = model.config.latent_scale
+    sampler = dit.Sampler(model, args.steps, args.context_t)
     sums = {k: torch.zeros(args.horizon) for k in ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr")}
     for chunk in tqdm(np.array_split(picks, max(1, len(picks) // args.batch_size)), desc="evaluate dit"):
         frames = torch.stack([windows[int(i)]["frames"] for i in chunk]).to(device)  # (B, P + H, 3, h, w)
@@ -280,7 +277,7 @@ def evaluate_dit(args):
             mu, logvar = vae.encode(prompt.flatten(0, 1))  # (B * P, N, C)
             noise = torch.randn(mu.shape, device=device, generator=generator)
             context = ((mu.float() + (0.5 * logvar.float()).exp() * noise) * scale).unflatten(0, prompt.shape[:2])
-            generated = model.rollout(context, args.horizon, args.steps, args.context_t, generator) / scale
+            generated = sampler.rollout(context, args.horizon, generator) / scale
             decoded = vae.decode(generated.flatten(0, 1)).float().unflatten(0, truth.shape[:2])  # (B, H, 3, h, w)
             recon = vae.decode(vae.encode(truth.flatten(0, 1))[0]).float().unflatten(0, truth.shape[:2])
         last = prompt[:, -1:].expand_as(truth)  # the baseline: nothing moves after the prompt

@@ -8,7 +8,7 @@ after frame, the VAE decodes them.
 them. A window of --prompt_frames frames is picked at random (seeded) from the first --prompt_max_frames frames of the
 prompt video (a video file, prepared once at the store's 12 fps and 320x180, or a frame store), encoded in one batch
 and sampled from the VAE's posterior. Each new frame starts as noise at t = 0 and is integrated with --steps Euler
-steps while the context sits at --context_t; it then joins the context, whose keys and values are cached (dit.py), and
+steps while the context sits at --context_t; it then joins the context, whose keys and values are cached (dit.Sampler), and
 past the DiT's training length the window slides. The mp4 shows the prompt then the continuation (with
 --side_by_side: the true video on the left); a gif is written beside it.
 """
@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import WindowDataset, open_frames
-from dit import DiT, check_vae
+from dit import DiT, Sampler, check_vae
 from utils import (UserError, add_step_compile_flag, autocast, compile_step, first_line, get_device, load_model,
                    positive, run_cli, to_uint8, write_gif, write_mp4)
 from vae2 import ViTVAE
@@ -44,7 +44,10 @@ def load_world(models, device):
     """The VAE and the DiT of a models folder, checked to fit together."""
     root = model_folder(models)
     vae, model = load_model(ViTVAE, root / "vae2", device), load_model(DiT, root / "dit", device)
-    check_vae(model.config, vae.config)
+    try:
+        check_vae(model.config, vae.config)
+    except ValueError as e:
+        raise UserError(f"{root}: {e}") from None
     return vae, model
 
 
@@ -113,11 +116,11 @@ def main():
         mu, logvar = vae.encode(prompt)  # (P, N, C)
         noise = torch.randn(mu.shape, device=device, generator=generator)
         context = ((mu.float() + (0.5 * logvar.float()).exp() * noise) * scale)[None]  # (1, P, N, C)
-        stream = model.stream(context, args.steps, args.context_t, generator)
+        sampler = Sampler(model, args.steps, args.context_t).start(context, generator)
         started = time.time()
         with tqdm(total=args.num_frames, unit="frame", desc="generate") as bar:
             for i in range(args.num_frames):
-                frames.append(decode_frame(vae, model, next(stream)))
+                frames.append(decode_frame(vae, model, sampler.next_frame()))
                 bar.update()
                 bar.set_postfix(fps=f"{(i + 1) / (time.time() - started):.2f}")
 

@@ -12,7 +12,7 @@ matters: infer_actions labels clips for the dynamics model.
 
 Why a LAM collapses, and what this one does against it (each measure is a config field; 0 turns it off for ablations):
   - A decoder that sees x_t can copy it: the reconstruction is almost solved without the action, the action gets no
-    gradient worth having, and every transition ends on one code (mini-genie's LAM: 8 actions, 1 used).
+    gradient worth having, and every transition ends on one code.
     `context_mask`: in training, this fraction of the past frames' patch tokens is replaced by a learned mask token,
     so copying the past leaves holes that only the action (what moved, and where) helps to fill.
   - A code that loses the first nearest-neighbour contests never wins again. vae.VectorQuantizer compares small
@@ -70,7 +70,9 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
 
     def __init__(self, config: LAMConfig):
         super().__init__()
-        assert config.image_size % config.patch == 0 and 0 <= config.context_mask < 1
+        if config.image_size % config.patch or not 0 <= config.context_mask < 1:
+            raise ValueError(f"patch {config.patch} must divide image_size {config.image_size}, and context_mask "
+                             f"{config.context_mask} lie in [0, 1)")
         self.config = config
         c, g = config, config.grid
         pixels = 3 * c.patch ** 2

@@ -8,8 +8,8 @@ On a GPU server with no screen, the page is reached through an SSH port forward,
   server$ python play.py --models models/genie            # prints the URL and the ssh line
   laptop$ ssh -N -L 8765:127.0.0.1:8765 you@server        # then open http://localhost:8765/
 
-Every front end talks to a `GenieWorld`: reset() -> frame, step(action) -> frame (uint8 (64, 64, 3)). The world keeps
-the dynamics model's key/value cache, so a step runs the transformer only on the new frame's tokens.
+Every front end talks to a `GenieWorld`: reset() -> frame, step(action) -> frame (uint8 (64, 64, 3)). The world's
+dynamics.Sampler keeps the key/value cache, so a step runs the transformer only on the new frame's tokens.
 """
 import argparse
 import base64
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dataset import FrameStore, split_episodes
-from dynamics import Dynamics
+from dynamics import Dynamics, Sampler
 from utils import (UserError, add_step_compile_flag, autocast, compile_step, get_device, load_model, run_cli,
                    seed_everything, to_uint8, write_gif, write_mp4)
 from vae import Tokenizer
@@ -51,7 +51,8 @@ class GenieWorld:
         self.num_actions = dynamics.config.num_actions
         self.maskgit_steps, self.temperature = maskgit_steps, temperature
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.tokens, self.actions, self.cache = [], [], None  # the trajectory so far, for undo
+        self.sampler = Sampler(dynamics, maskgit_steps, temperature)
+        self.tokens, self.actions = [], []  # the trajectory so far, for undo
 
     @classmethod
     def load(cls, models, device=None, **options):
@@ -75,7 +76,7 @@ class GenieWorld:
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
         with autocast(self.device):
             self.tokens, self.actions = [self.tokenizer.encode(x)], []  # [(B, rows, cols)]
-            self.cache = self.dynamics.start(self.tokens[0][:, None])
+            self.sampler.start(self.tokens[0][:, None])
             return to_uint8(self.tokenizer.decode(self.tokens[0]))
 
     @torch.no_grad()
@@ -83,14 +84,14 @@ class GenieWorld:
         """Advance every world by one latent action, actions (B,) ints; returns the new frames."""
         actions = torch.as_tensor(actions, device=self.device).long().view(-1)
         with autocast(self.device):
-            tokens = self.dynamics.step(self.cache, actions, self.maskgit_steps, self.temperature, self.generator)
+            tokens = self.sampler.step(actions, self.generator)
             self.tokens.append(tokens)
             self.actions.append(actions)
             return to_uint8(self.tokenizer.decode(tokens))
 
     @torch.no_grad()
     def undo(self):
-        """Go back one step (never past the prompt); the cache is rebuilt from the last context frames."""
+        """Go back one step (never past the prompt); the sampler starts again from the last context frames."""
         if len(self.tokens) > 1:
             self.tokens.pop()
             self.actions.pop()
@@ -98,7 +99,7 @@ class GenieWorld:
         actions = self.actions[len(self.actions) - (len(frames) - 1):]
         actions = torch.stack(actions, 1) if actions else frames[0].new_zeros(len(frames[0]), 0)
         with autocast(self.device):
-            self.cache = self.dynamics.start(torch.stack(frames, 1), actions)
+            self.sampler.start(torch.stack(frames, 1), actions)
             return to_uint8(self.tokenizer.decode(self.tokens[-1]))
 
 

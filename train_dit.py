@@ -12,7 +12,7 @@ losses in logs/dit.json beside it; every --sample_every steps a continuation of 
 --samples (prompt, then the EMA model's frames).
 
 Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command continues from the
-last state in checkpoints/ beside --out and ends with the same weights as an uninterrupted run (see utils.train_loop).
+last state in checkpoints/ beside --out and ends with the same weights as an uninterrupted run (see training.py).
 """
 import argparse
 import dataclasses
@@ -23,11 +23,12 @@ import torch
 
 import dit
 from dataset import FrameStore, WindowDataset, open_latents
-from utils import UserError, add_training_flags, get_device, load_model, positive, run_cli, seed_everything, to_uint8, \
-    train_loop, write_mp4
+from training import add_training_flags, train_loop
+from utils import UserError, add_config_flags, apply_defaults, build, get_device, load_model, override, positive, \
+    run_cli, seed_everything, to_uint8, write_mp4
 from vae2 import ViTVAE
 
-DEFAULTS = {  # per preset: steps, batch size, peak learning rate, EMA decay
+DEFAULTS = {  # training hyperparameters per preset: steps, batch size, peak learning rate, EMA decay
     "tiny": dict(steps=300, batch_size=4, lr=1e-3, ema_decay=0.99),
     "small": dict(steps=20_000, batch_size=32, lr=3e-4, ema_decay=0.999),
     "default": dict(steps=100_000, batch_size=64, lr=2e-4, ema_decay=0.9999),
@@ -47,7 +48,7 @@ def write_sample(path, vae, model, clip, prompt_frames, fps, steps=10):
     with torch.no_grad():
         mu, logvar = vae.encode(clip[:prompt_frames])
         context = (mu + (0.5 * logvar).exp() * torch.randn_like(mu))[None] * scale  # (1, P, N, C)
-        generated = model.rollout(context, len(clip) - prompt_frames, steps)[0] / scale
+        generated = dit.Sampler(model, steps).rollout(context, len(clip) - prompt_frames)[0] / scale
         decoded = vae.decode(generated)
     video = torch.cat([clip[:prompt_frames], decoded], dim=0)
     write_mp4(path, np.concatenate([to_uint8(clip), to_uint8(video)], axis=2), fps)
@@ -58,8 +59,7 @@ def main():
     parser.add_argument("data", help="latent store, frame store (320x180) or video; frames are encoded once with --vae")
     parser.add_argument("--vae", default="models/vae2", help="the trained ViT-VAE folder (default models/vae2)")
     parser.add_argument("--out", default="models/dit", help="model folder to write (default models/dit)")
-    parser.add_argument("--preset", default="default", choices=list(dit.PRESETS),
-                        help="model size: tiny (CPU tests), small, default (~255M parameters)")
+    add_config_flags(parser, dit.PRESETS, "DiT (tiny: CPU tests, small, default: ~257M parameters)")
     parser.add_argument("--seq_len", type=positive(int), help="frames per training clip (default 24)")
     parser.add_argument("--steps", type=positive(int), help="training steps (tiny 300, default 100000)")
     parser.add_argument("--batch_size", type=positive(int), help="clips per step (tiny 4, default 64)")
@@ -79,22 +79,18 @@ def main():
                         help="steps between sample videos (default 1000)")
     add_training_flags(parser)
     args = parser.parse_args()
-    for key, value in DEFAULTS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, DEFAULTS[args.preset])
     if not 0 <= args.self_forcing_p <= 1:
         raise UserError(f"--self_forcing_p must be in [0, 1], not {args.self_forcing_p}")
     device = get_device(args.device)
-    seed_everything(args.seed)
+    config = override(dit.PRESETS[args.preset], args.set)
 
     # data: latents of the training split, the VAE that made them, a held-out clip for samples
     vae = load_model(ViTVAE, args.vae, device)
     latents = open_latents(args.data, args.vae, device)
-    config = dataclasses.replace(dit.PRESETS[args.preset], rows=vae.config.rows, cols=vae.config.cols,
-                                 latent_dim=vae.config.latent_dim, latent_scale=float(latents.scale))
-    if args.seq_len:
-        config = dataclasses.replace(config, seq_len=args.seq_len)
-    dit.check_vae(config, vae.config)
+    # the latent grid is the VAE's; --seq_len, when given, overrides the preset's
+    config = dataclasses.replace(config, rows=vae.config.rows, cols=vae.config.cols, latent_dim=vae.config.latent_dim,
+                                 latent_scale=float(latents.scale), seq_len=args.seq_len or config.seq_len)
     if not 0 <= args.context_forcing < config.seq_len - 1:
         raise UserError(f"--context_forcing must be in [0, {config.seq_len - 2}] for --seq_len {config.seq_len}")
     dataset = WindowDataset(latents, config.seq_len)
@@ -109,19 +105,25 @@ def main():
         except UserError as e:
             print(f"no sample videos: {e}")
 
-    # model and loop
-    model = dit.DiT(config).to(device)
+    # model and loop; seeded once the data is ready, so that preparing or encoding it (which builds a VAE and draws
+    # random numbers) or finding it cached gives the same run
+    seed_everything(args.seed)
+    model = build(dit.DiT, config).to(device)
+    rollouts = dit.Sampler(model, args.rollout_steps)  # context forcing's; its cache is made once
 
     def loss_fn(net, batch, step):
-        return net(sample_latents(batch, config.latent_scale), args.self_forcing_p, args.context_forcing,
-                     args.rollout_steps)
+        x1, frame_weight = sample_latents(batch, config.latent_scale), None
+        if args.context_forcing:
+            x1, frame_weight = dit.context_forced(rollouts, x1, args.context_forcing)
+        return net(x1, args.self_forcing_p, frame_weight)
 
     def on_log(step, ema, wandb):
         if sample_clip is not None and (step % args.sample_every == 0 or step == args.steps):
             write_sample(args.samples, vae, ema, sample_clip, config.seq_len - 1, frames.fps)
 
     train_loop(model, loss_fn, dataset, args, device, Path(args.out), Path(args.out).parent / "logs" / "dit.json",
-               name="dit", project="gameworld-dit", ema_decay=args.ema_decay, on_log=on_log)
+               name="dit", project="gameworld-dit", ema_decay=args.ema_decay, on_log=on_log,
+               unchanged={"data", "out", "vae", "samples", "sample_every", "set"})
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ and a log of its losses to models/genie/logs/<phase>.json. The models never see 
 
 Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command skips the finished
 phases, continues the interrupted one from its last state in models/genie/checkpoints/<phase>/ and ends with the same
-weights as an uninterrupted run (see utils.train_loop).
+weights as an uninterrupted run (see training.py).
 """
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -27,11 +26,13 @@ import lam
 import vae
 from dataset import FrameStore, WindowDataset
 from download import collect_procgen
-from utils import UserError, add_training_flags, barrier, distributed, get_device, load_model, positive, run_cli, \
-    seed_everything, train_loop
+from training import add_training_flags, barrier, distributed, train_loop
+from utils import UserError, add_config_flags, apply_defaults, build, get_device, load_model, override, positive, \
+    run_cli, seed_everything
 
 PHASES = ["collect", "tokenizer", "lam", "dynamics"]
-DEFAULTS = {  # per preset: steps per phase, batch size, frames to collect, LAM clip length
+PRESETS = {"tokenizer": vae.PRESETS, "lam": lam.PRESETS, "dynamics": dynamics.PRESETS}  # the model configs
+DEFAULTS = {  # training hyperparameters per preset: steps per phase, batch size, frames to collect, LAM clip length
     "tiny": dict(steps=300, batch_size=16, frames=50_000, lam_seq_len=4),
     "default": dict(steps=50_000, batch_size=64, frames=1_000_000, lam_seq_len=16),
 }
@@ -39,28 +40,13 @@ DEFAULTS = {  # per preset: steps per phase, batch size, frames to collect, LAM 
 
 def train(phase, model, loss_fn, dataset, args, device):
     train_loop(model, loss_fn, dataset, args, device, Path(args.out) / phase, Path(args.out) / "logs" / f"{phase}.json",
-               name=phase, project="gameworld-genie")
+               name=phase, project="gameworld-genie", unchanged={"data", "out", "phase", "frames", "set"})
 
 
-def model_config(presets, phase, args):
+def model_config(phase, args):
     """The preset's config for this phase with the --set overrides for it (e.g. lam.context_mask=0) applied."""
-    config = presets[args.preset]
-    fields = {f.name: f.type for f in dataclasses.fields(config)}
-    for item in args.set:
-        key, _, text = item.partition("=")
-        prefix, _, name = key.partition(".")
-        if prefix not in PHASES[1:] or not text:
-            raise UserError(f"--set takes PHASE.FIELD=VALUE with PHASE in tokenizer, lam, dynamics, not {item!r}")
-        if prefix != phase:
-            continue
-        if name not in fields:
-            raise UserError(f"--set {item}: {phase} has no field {name!r}; fields: {', '.join(fields)}")
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        config = dataclasses.replace(config, **{name: value})
-    return config
+    prefix = f"{phase}."
+    return override(PRESETS[phase][args.preset], [item[len(prefix):] for item in args.set if item.startswith(prefix)])
 
 
 def frames_store(args):
@@ -77,22 +63,22 @@ def main():
                         help="which phase to run; 'all' runs them in order (an existing --data store is reused)")
     parser.add_argument("--data", default="videos/coinrun", help="frame store of 64x64 frames (default videos/coinrun)")
     parser.add_argument("--out", default="models/genie", help="folder for the three model folders and the logs")
-    parser.add_argument("--preset", default="default", choices=list(DEFAULTS), help="model sizes and defaults")
+    add_config_flags(parser, DEFAULTS, "tokenizer, LAM and dynamics (tiny: CPU; default: a GPU)", "PHASE.FIELD",
+                     "lam.context_mask=0 dynamics.depth=12 (the ablations of the README)")
     parser.add_argument("--steps", type=positive(int), help="training steps per phase (tiny 300, default 50000)")
     parser.add_argument("--batch_size", type=positive(int), help="clips per step (tiny 16, default 64)")
     parser.add_argument("--lr", type=positive(float), default=3e-4, help="peak learning rate (default 3e-4)")
     parser.add_argument("--lam_seq_len", type=positive(int), help="frames per LAM training clip (tiny 4, default 16)")
     parser.add_argument("--frames", type=positive(int), help="collect: CoinRun frames (tiny 50k, default 1M)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="PHASE.FIELD=VALUE",
-                        help="override a field of a model config, e.g. lam.context_mask=0 lam.dead_after=0 "
-                             "(the ablations of the README)")
     add_training_flags(parser)
     args = parser.parse_args()
-    for key, value in DEFAULTS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, DEFAULTS[args.preset])
+    for item in args.set:  # every setting is checked now, also those of phases that run later or not at all
+        if item.partition(".")[0] not in PRESETS:
+            raise UserError(f"--set takes PHASE.FIELD=VALUE with PHASE in tokenizer, lam, dynamics, not {item!r}")
+    for phase in PRESETS:
+        model_config(phase, args)
     device = get_device(args.device)
-    seed_everything(args.seed)
     out = Path(args.out)
     phases = PHASES if args.phase == "all" else [args.phase]
 
@@ -106,12 +92,14 @@ def main():
 
     if "tokenizer" in phases:
         store = frames_store(args)
-        model = vae.Tokenizer(model_config(vae.PRESETS, "tokenizer", args)).to(device)
+        seed_everything(args.seed)  # each phase from the seed: a phase run alone trains as it does within 'all'
+        model = build(vae.Tokenizer, model_config("tokenizer", args)).to(device)
         train("tokenizer", model, lambda net, b, step: net(b["frames"][:, 0]), WindowDataset(store, 1), args, device)
 
     if "lam" in phases:
         store = frames_store(args)
-        model = lam.LatentActionModel(model_config(lam.PRESETS, "lam", args)).to(device)
+        seed_everything(args.seed)
+        model = build(lam.LatentActionModel, model_config("lam", args)).to(device)
         train("lam", model, lambda net, b, step: net(b["frames"]), WindowDataset(store, args.lam_seq_len), args, device)
 
     if "dynamics" in phases:
@@ -119,10 +107,11 @@ def main():
         tokenizer = load_model(vae.Tokenizer, out / "tokenizer", device)
         action_model = load_model(lam.LatentActionModel, out / "lam", device)
         rows, cols = tokenizer.encode(torch.zeros(1, 3, 64, 64, device=device)).shape[1:]
-        config = dataclasses.replace(model_config(dynamics.PRESETS, "dynamics", args),
+        config = dataclasses.replace(model_config("dynamics", args),
                                      vocab_size=tokenizer.config.num_codes,
                                      num_actions=action_model.config.num_actions, rows=rows, cols=cols)
-        model = dynamics.Dynamics(config).to(device)
+        seed_everything(args.seed)
+        model = build(dynamics.Dynamics, config).to(device)
 
         def loss_fn(net, batch, step):  # tokens and latent actions from the frozen earlier phases: no gradient into them
             frames = batch["frames"]  # (B, T, 3, 64, 64)

@@ -15,7 +15,7 @@ it with no flags), its loss log to logs/<name>.json beside it, and every --sampl
 frames (top) and their reconstructions (bottom) to --samples.
 
 Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command continues from the
-last state in checkpoints/ beside --out and ends with the same weights as an uninterrupted run (see utils.train_loop).
+last state in checkpoints/ beside --out and ends with the same weights as an uninterrupted run (see training.py).
 """
 import argparse
 from pathlib import Path
@@ -26,10 +26,11 @@ import torch
 
 import vae2
 from dataset import WindowDataset, open_frames, require_size, spread_frames
-from utils import UserError, add_training_flags, atomic_path, get_device, positive, run_cli, seed_everything, \
-    to_uint8, train_loop
+from training import add_training_flags, train_loop
+from utils import UserError, add_config_flags, apply_defaults, atomic_path, build, get_device, override, positive, \
+    run_cli, seed_everything, to_uint8
 
-DEFAULTS = {  # per preset: steps, batch size, learning rate, beta schedule, steps between pictures
+DEFAULTS = {  # training hyperparameters per preset: steps, batch size, learning rate, beta schedule, picture interval
     "tiny": dict(steps=300, batch_size=4, lr=1e-3, beta_start_step=100, beta_warmup_steps=100, sample_every=100),
     "default": dict(steps=100_000, batch_size=32, lr=3e-4, beta_start_step=5_000, beta_warmup_steps=20_000,
                     sample_every=1_000),
@@ -57,8 +58,7 @@ def main():
     parser = argparse.ArgumentParser(description="Train the ViT-VAE of the latent diffusion pipeline.")
     parser.add_argument("data", help="frame store of 320x180 frames, or a video (prepared once at 12 fps, 320x180)")
     parser.add_argument("--out", default="models/vae2", help="model folder to write (default models/vae2)")
-    parser.add_argument("--preset", default="default", choices=list(vae2.PRESETS),
-                        help="model size: tiny (CPU, tests) or default (~59M parameters, a GPU)")
+    add_config_flags(parser, vae2.PRESETS, "ViT-VAE (tiny: CPU, tests; default: ~59M parameters, a GPU)")
     parser.add_argument("--steps", type=positive(int), help="training steps (tiny 300, default 100000)")
     parser.add_argument("--batch_size", type=positive(int), help="frames (or pairs) per step (tiny 4, default 32)")
     parser.add_argument("--lr", type=positive(float), help="peak learning rate (tiny 1e-3, default 3e-4)")
@@ -76,14 +76,11 @@ def main():
     parser.add_argument("--sample_every", type=positive(int), help="steps between pictures (tiny 100, default 1000)")
     add_training_flags(parser)
     args = parser.parse_args()
-    for key, value in DEFAULTS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_defaults(args, DEFAULTS[args.preset])
     if args.beta_max < 0 or args.diff_weight < 0 or args.beta_start_step < 0:
         raise UserError("--beta_max, --beta_start_step and --diff_weight must not be negative")
     device = get_device(args.device)
-    seed_everything(args.seed)
-    config = vae2.PRESETS[args.preset]
+    config = override(vae2.PRESETS[args.preset], args.set)
 
     # data: single frames (pairs with the frame-difference loss) of the training split
     store = open_frames(args.data, size=(config.width, config.height))
@@ -94,8 +91,9 @@ def main():
     picked = picked if len(picked) else spread_frames(store, "train", 4)
     sample = torch.stack([store.window(int(i), 1)["frames"][0] for i in picked]).to(device)  # (K, 3, H, W)
 
-    # model and loop
-    model = vae2.ViTVAE(config).to(device)
+    # model and loop, seeded once the data is ready (preparing a video or finding it prepared gives the same run)
+    seed_everything(args.seed)
+    model = build(vae2.ViTVAE, config).to(device)
     print(f"vae2: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(dataset)} training "
           f"windows of {store.path}, {config.tokens} x {config.latent_dim} latents per {config.width}x{config.height} "
           f"frame ({3 * config.height * config.width / (config.tokens * config.latent_dim):.2f}x fewer numbers)")
@@ -111,7 +109,7 @@ def main():
 
     out = Path(args.out)
     train_loop(model, loss_fn, dataset, args, device, out, out.parent / "logs" / f"{out.name}.json", name=out.name,
-               project="gameworld-vae2", on_log=on_log)
+               project="gameworld-vae2", on_log=on_log, unchanged={"data", "out", "samples", "sample_every", "set"})
     print(f"wrote {out} and {args.samples}")
 
 

@@ -119,15 +119,27 @@ class KVCache:
     into separate tensors in place, but copies a stacked one whole at every step.)"""
 
     def __init__(self, max_frames, depth, sequences, heads, head_dim, dtype, device):
-        self.max_frames, self.position = max_frames, 0  # position: the absolute index of the next frame
-        # zeros, not garbage: a masked slot's NaN would still poison p @ v
-        self.keys, self.values = ([torch.zeros(sequences, heads, max_frames + 1, head_dim, dtype=dtype, device=device)
+        self.max_frames = max_frames
+        self.keys, self.values = ([torch.empty(sequences, heads, max_frames + 1, head_dim, dtype=dtype, device=device)
                                    for _ in range(depth)] for _ in range(2))
-        self.visible = torch.zeros(max_frames + 1, dtype=torch.bool, device=device)
-        self.visible[-1] = True  # the new frame sees itself
-        self.next_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.visible = torch.empty(max_frames + 1, dtype=torch.bool, device=device)
+        self.next_position = torch.empty(1, dtype=torch.long, device=device)
         for tensor in self.keys + self.values + [self.visible, self.next_position]:
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs may write into them in place
+        self.reset()
+
+    def reset(self):
+        """Empty the cache in place: the same tensors (and addresses) serve the next sequence."""
+        self.position = 0  # the absolute index of the next frame
+        for tensor in self.keys + self.values:
+            tensor.zero_()  # zeros, not garbage: a masked slot's NaN would still poison p @ v
+        self.visible.zero_()
+        self.visible[-1] = True  # the new frame sees itself
+        self.next_position.zero_()
+
+    def fits(self, depth, sequences, dtype, device):
+        keys = self.keys[0]
+        return (len(self.keys), keys.shape[0], keys.dtype, keys.device) == (depth, sequences, dtype, device)
 
     def __len__(self):
         return min(self.position, self.max_frames)
@@ -150,7 +162,9 @@ class STTransformer(nn.Module):
 
     def __init__(self, dim, depth, heads, rows, cols, mlp_ratio=4.0):
         super().__init__()
-        assert dim % heads == 0 and (dim // heads) % 4 == 0, "2-D RoPE splits each head dimension in four"
+        if dim % heads or (dim // heads) % 4:
+            raise ValueError(f"dim {dim} / heads {heads} must be a whole multiple of 4 (2-D RoPE splits each head "
+                             f"dimension in four)")
         self.rows, self.cols, self.head_dim = rows, cols, dim // heads
         self.blocks = nn.ModuleList(STBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -165,12 +179,18 @@ class STTransformer(nn.Module):
         nn.init.zeros_(self.modulation_out.weight)
         nn.init.zeros_(self.modulation_out.bias)
 
-    def new_cache(self, batch, max_frames, device):
-        """An empty KVCache for `batch` sequences of frames, in the dtype the keys will have (bf16 under autocast)."""
+    def new_cache(self, batch, max_frames, device, reuse=None):
+        """An empty KVCache for `batch` sequences of frames, in the dtype the keys will have (bf16 under autocast):
+        `reuse`, emptied in place, when it has that size and dtype; else a new one."""
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                  else self.modulation_out.weight.dtype)
+        sequences = batch * self.rows * self.cols
+        if reuse is not None and reuse.max_frames == max_frames and reuse.fits(len(self.blocks), sequences, dtype,
+                                                                                torch.device(device)):
+            reuse.reset()
+            return reuse
         heads = self.blocks[0].temporal.heads
-        return KVCache(max_frames, len(self.blocks), batch * self.rows * self.cols, heads, self.head_dim, dtype, device)
+        return KVCache(max_frames, len(self.blocks), sequences, heads, self.head_dim, dtype, device)
 
     def forward(self, x, cond, cache=None):
         """x (B, T, N, D), cond (B, T, D) -> (B, T, N, D).

@@ -4,7 +4,7 @@ model predicts these tokens; lam.py reuses VectorQuantizer for its latent action
 
 Shapes: b batch, h w token grid (image_size / 4), d code dim, n codes.
 
-Keeping the codebook alive. A VQ-VAE trained plainly ends up using a few codes (the seed project used 50 of 1024):
+Keeping the codebook alive. A VQ-VAE trained plainly ends up using a few of its codes:
 a code that starts far from every encoder output never wins the nearest-neighbour search, so it never receives a
 gradient and stays where it is. Each token then carries few bits and the dynamics model has little to predict with.
 Three measures, after ViT-VQGAN (Yu et al. 2021) and jafar:

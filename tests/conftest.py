@@ -1,5 +1,6 @@
 """Shared fixtures: real CoinRun frames collected once per test session, a real OpenCV-written video, and a helper
 that runs the project's scripts as the user would (a subprocess, exit code and stderr checked)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run(*args, cwd=ROOT, timeout=300):
-    """Run `python SCRIPT ARGS...` from the repo root; returns the CompletedProcess (text output)."""
+def run(*args, cwd=ROOT, timeout=300, env=None):
+    """Run `python SCRIPT ARGS...` from the repo root, with `env` added to the environment; returns the
+    CompletedProcess (text output)."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def assert_user_error(result, message):

@@ -12,7 +12,7 @@ import dynamics
 import vae
 from generate import compile_world
 from play import GenieWorld
-from utils import compile_blocks, make_optimizer, train_step
+from training import compile_blocks, make_optimizer, train_step
 from vae2 import PRESETS as VAE2_PRESETS, ViTVAE
 
 
@@ -35,9 +35,12 @@ def test_compiled_blocks_train_like_eager_ones():
         optimizer = make_optimizer(model, 1e-3)
         random.seed(0)
         torch.manual_seed(1)
-        losses = [train_step(model, model, optimizer, lambda net, batch, step: net(batch, self_forcing_p=0.5,
-                                                                                  context_forcing=2, rollout_steps=2),
-                             x, step, torch.device("cpu"))[0] for step in range(3)]
+        rollouts = dit.Sampler(model, steps=2)
+
+        def loss_fn(net, batch, step):  # as train_dit.py with --self_forcing_p 0.5 --context_forcing 2
+            x1, frame_weight = dit.context_forced(rollouts, batch, 2)
+            return net(x1, self_forcing_p=0.5, frame_weight=frame_weight)
+        losses = [train_step(model, model, optimizer, loss_fn, x, step, torch.device("cpu"))[0] for step in range(3)]
         runs[compiled] = torch.stack(losses), torch.cat([p.detach().flatten() for p in model.parameters()])
     assert model.transformer.blocks[0]._compiled_call_impl is not None  # the block did run compiled
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
@@ -53,8 +56,8 @@ def test_compiled_generation_gives_the_eager_frames():
     for compiled in (False, True):
         if compiled:
             compile_world(vae2, model, torch.device("cpu"))
-        stream = model.stream(context, steps=3, generator=torch.Generator().manual_seed(2))
-        latents = torch.cat([next(stream) for _ in range(8)], dim=1)  # past the window of 5: the ring wraps
+        sampler = dit.Sampler(model, steps=3)  # 8 frames, past the window of 5: the ring wraps
+        latents = sampler.rollout(context, 8, generator=torch.Generator().manual_seed(2))
         frames[compiled] = latents, vae2.decode(latents[0])
     torch.testing.assert_close(frames[True][0], frames[False][0], rtol=0, atol=1e-4)
     torch.testing.assert_close(frames[True][1], frames[False][1], rtol=0, atol=1e-4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dataset import LatentStore, WindowDataset
-from dit import PRESETS, DiT
+from dit import PRESETS, DiT, Sampler, context_forced
 
 
 def random_dit(seq_len=8, seed=0):
@@ -49,7 +49,8 @@ def test_cached_generation_equals_recomputing_the_window(context_frames, new_fra
     frames = {}
     for cached in (True, False):
         generator = torch.Generator().manual_seed(3)
-        frames[cached] = model.rollout(context, new_frames, steps=3, context_t=0.9, generator=generator, cached=cached)
+        sampler = Sampler(model, steps=3, context_t=0.9, cached=cached)
+        frames[cached] = sampler.rollout(context, new_frames, generator)
     assert frames[True].shape == (2, new_frames, 220, 48)
     assert frames[True].abs().mean() > 0.1
     torch.testing.assert_close(frames[True], frames[False], rtol=0, atol=1e-4)
@@ -57,17 +58,33 @@ def test_cached_generation_equals_recomputing_the_window(context_frames, new_fra
 
 def test_sliding_window_runs_past_the_training_length():
     model = random_dit(seq_len=4)
-    frames = model.rollout(torch.randn(1, 3, 220, 48), 6, steps=2)
+    frames = Sampler(model, steps=2).rollout(torch.randn(1, 3, 220, 48), 6)
     assert frames.shape == (1, 6, 220, 48) and torch.isfinite(frames).all()
+
+
+@torch.no_grad()
+def test_a_sampler_reuses_its_cache_and_restarts_cleanly():
+    """A second start() empties the same cache in place (the addresses a CUDA graph holds) and gives what a fresh
+    sampler gives: nothing of the first continuation leaks into the second."""
+    model = random_dit(seq_len=6)
+    first, second = torch.randn(2, 4, 220, 48), torch.randn(2, 2, 220, 48)
+    sampler = Sampler(model, steps=2)
+    sampler.rollout(first, 7, torch.Generator().manual_seed(0))  # past the window: the ring wrapped
+    keys = sampler.cache.keys[0].data_ptr()
+    again = sampler.rollout(second, 3, torch.Generator().manual_seed(1))
+    assert sampler.cache.keys[0].data_ptr() == keys
+    fresh = Sampler(model, steps=2).rollout(second, 3, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
 
 
 def test_training_options_give_gradients():
     model = random_dit()
     model.train()
     x = torch.randn(2, 8, 220, 48)
-    for options in (dict(self_forcing_p=1.0), dict(context_forcing=2, rollout_steps=2)):
+    for context_forcing in (False, True):
         model.zero_grad()
-        loss, _ = model(x, **options)
+        x1, frame_weight = context_forced(Sampler(model, steps=2), x, 2) if context_forcing else (x, None)
+        loss, _ = model(x1, self_forcing_p=0.0 if context_forcing else 1.0, frame_weight=frame_weight)
         loss.backward()
         assert torch.isfinite(loss)
         assert all(p.grad is not None for p in model.parameters())

@@ -1,7 +1,7 @@
 """MaskGIT dynamics: shapes, causality, and cached decoding equal to recomputing the whole context."""
 import torch
 
-from dynamics import PRESETS, Dynamics
+from dynamics import PRESETS, Dynamics, Sampler
 
 
 def tiny_model(seed=0):
@@ -39,20 +39,31 @@ def test_later_frames_do_not_change_earlier_logits():
 def test_cached_decoding_equals_uncached():
     model = tiny_model()
     context = torch.randint(0, 1024, (3, 1, 16, 16))  # batch of 3 worlds, one prompt frame each
-    cache = model.start(context)
-    frames, actions = context, torch.zeros(3, 0, dtype=torch.long)
+    cached, uncached = Sampler(model, steps=4, temperature=0).start(context), \
+        Sampler(model, steps=4, temperature=0, cached=False).start(context)
     for _ in range(2):  # the context window is 4 frames: 1 prompt + 2 predicted + the one being decoded
         action = torch.randint(0, 8, (3,))
-        cached = model.step(cache, action, steps=4, temperature=0)
-        uncached = model.step_uncached(frames, actions, action, steps=4, temperature=0)
-        assert torch.equal(cached, uncached)
-        frames = torch.cat([frames, cached[:, None]], dim=1)
-        actions = torch.cat([actions, action[:, None]], dim=1)
+        assert torch.equal(cached.step(action), uncached.step(action))
     # Sampling at temperature > 0 with the same generator is also identical.
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    cache = model.start(context)
+    cached, uncached = Sampler(model, steps=8).start(context), Sampler(model, steps=8, cached=False).start(context)
     action = torch.tensor([1, 2, 3])
-    cached = model.step(cache, action, steps=8, temperature=1.0, generator=g1)
-    uncached = model.step_uncached(context, torch.zeros(3, 0, dtype=torch.long), action, 8, 1.0, g2)
-    assert torch.equal(cached, uncached)
-    assert (cached != model.mask_token).all()
+    tokens = cached.step(action, g1)
+    assert torch.equal(tokens, uncached.step(action, g2))
+    assert (tokens != model.mask_token).all()
+
+
+@torch.no_grad()
+def test_a_restarted_sampler_reuses_its_cache_and_forgets_the_last_rollout():
+    model = tiny_model()
+    sampler = Sampler(model, steps=4, temperature=0).start(torch.randint(0, 1024, (2, 1, 16, 16)))
+    for action in (1, 4, 6, 2, 0):  # past the window: the ring wraps
+        sampler.step(torch.full((2,), action))
+    keys = sampler.cache.keys[0].data_ptr()
+    context, actions = torch.randint(0, 1024, (2, 2, 16, 16)), torch.tensor([[3], [5]])
+    fresh = Sampler(model, steps=4, temperature=0)
+    for world in (sampler, fresh):
+        world.start(context, actions)
+    for action in (2, 7):
+        assert torch.equal(sampler.step(torch.full((2,), action)), fresh.step(torch.full((2,), action)))
+    assert sampler.cache.keys[0].data_ptr() == keys

@@ -73,6 +73,32 @@ def test_bad_flag_values(args, message, coinrun_video, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("depht=4", "--set depht=4: DiTConfig has no field 'depht'; fields: cols, depth, dim,"),
+    ("depth=four", "--set depth=four: depth takes int values, like 2"),
+    ("depth", "--set takes FIELD=VALUE, not 'depth'"),
+    ("heads=5", "DiT: dim 64 / heads 5 must be a whole multiple of 4"),
+])
+def test_train_dit_refuses_bad_settings(setting, message, diffusion_data, tmp_path):
+    assert_user_error(run("train_dit.py", diffusion_data["latents"], "--vae", diffusion_data["vae"], "--preset", "tiny",
+                          "--set", setting, "--out", tmp_path / "dit"), message)
+    assert not list(tmp_path.iterdir())
+
+
+def test_settings_land_in_the_model_folder_and_bad_ones_are_refused(coinrun, tmp_path):
+    argv = ["train_genie.py", "--phase", "tokenizer", "--preset", "tiny", "--steps", 2, "--batch_size", 4,
+            "--data", coinrun, "--out", tmp_path / "genie", "--num_workers", 0]
+    assert_user_error(run(*argv, "--set", "vae.channels=8"), "--set takes PHASE.FIELD=VALUE with PHASE in tokenizer")
+    assert_user_error(run(*argv, "--set", "lam.dead_after=soon"), "dead_after takes int values, like 50")
+    lam = [a if a != "tokenizer" else "lam" for a in argv]
+    assert_user_error(run(*lam, "--set", "lam.context_mask=1.5"), "context_mask 1.5 lie in [0, 1)")
+    assert not (tmp_path / "genie").exists()
+    result = run(*argv, "--set", "tokenizer.dead_after=7", "tokenizer.channel_mult=[1,2,4]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "genie" / "tokenizer" / "config.json").read_text())
+    assert config["dead_after"] == 7 and config["channel_mult"] == [1, 2, 4]
+
+
 def test_collect_refuses_to_overwrite_an_existing_store(coinrun):
     before = (coinrun / "frames.u8").stat().st_mtime_ns
     assert_user_error(run("download.py", "procgen:coinrun", "--frames", 10, "--out", coinrun), "already exists")

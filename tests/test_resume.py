@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_user_error, run
+from training import POISON_STEPS_VARIABLE
 
 STEPS, SAVE_EVERY = 12, 3
 
@@ -121,6 +122,23 @@ def snapshot(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_the_same_command_gives_the_same_weights_whether_the_latents_were_cached_or_not(data, tmp_path):
+    """The first run encodes the frame store with the VAE (which builds a model and draws random numbers), the second
+    finds the latents cached beside the store: both must train the same DiT."""
+    store = tmp_path / "store"
+    shutil.copytree(data["store"], store)
+    weights = []
+    for name in ("encodes", "cached"):
+        argv, _ = command("dit", {**data, "latents": store}, tmp_path / name)
+        argv = [str(a) for a in argv]
+        argv[argv.index("--steps") + 1] = "4"
+        result = run(*argv)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("encode store" in result.stderr) == (name == "encodes")
+        weights.append((tmp_path / name / "dit" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
 @pytest.fixture
 def trained_vae(data, tmp_path):
     """A finished train_vae.py run in tmp_path: its command and the folder it wrote."""
@@ -183,9 +201,14 @@ def test_corrupt_config_truncated_weights_and_truncated_frames_are_refused(data,
     assert snapshot(tmp_path) == before
 
 
+def poison(steps):
+    """The environment that makes the loss of these training steps NaN (training.POISON_STEPS_VARIABLE)."""
+    return {POISON_STEPS_VARIABLE: steps}
+
+
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_training(data, tmp_path, reference):
     argv, _ = command("vae", data, tmp_path)
-    result = run(*argv, "--poison_steps", "2,5")
+    result = run(*argv, env=poison("2,5"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2: loss nan" in result.stderr and "step skipped (1 in a row" in result.stderr
     # a skipped step changes the result: the guard is not a no-op
@@ -193,7 +216,7 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_training(data, 
 
     out = tmp_path / "stops"
     argv, _ = command("vae", data, out)
-    result = run(*argv, "--poison_steps", "4,5", "--max_bad_steps", "2")
+    result = run(*argv, "--max_bad_steps", "2", env=poison("4,5"))
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "2 non-finite steps in a row up to step 5" in last and "step_00000003.pt" in last
@@ -204,7 +227,7 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_training(data, 
 def test_full_disk_while_saving_keeps_the_last_state_and_resume_still_matches(data, tmp_path, reference):
     argv, _ = command("vae", data, tmp_path)
     # stop after the state of step 3 (poisoned steps 4 and 5), so that the next save is the one that fails
-    assert run(*argv, "--poison_steps", "4,5", "--max_bad_steps", "2").returncode == 1
+    assert run(*argv, "--max_bad_steps", "2", env=poison("4,5")).returncode == 1
     states = tmp_path / "checkpoints" / "vae2"
     good = states / "step_00000003.pt"
     size, before = good.stat().st_size, snapshot(states)

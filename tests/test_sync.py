@@ -1,6 +1,6 @@
 """A training step never makes the host wait for the device. Under FakeTensorMode tensors have shapes and no values,
 so every operation that would need a value on the host (.item(), .tolist(), `if tensor:`, a boolean mask, bincount,
-nonzero: on a GPU each one waits for all queued work) raises. utils.train_step, the step train_loop runs, must go
+nonzero: on a GPU each one waits for all queued work) raises. training.train_step, the step train_loop runs, must go
 through for every model with the options the training scripts use."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ import bench
 import dit
 import lam
 import vae
-from utils import make_optimizer, train_step, update_ema
+from training import make_optimizer, train_step, update_ema
 
 CPU = torch.device("cpu")
 
@@ -18,7 +18,10 @@ CPU = torch.device("cpu")
 def the_scripts_loss(name):
     """loss_fn(net, batch, step) as the training script calls the model (batch: bench.training_inputs)."""
     if name == "dit":  # self-forcing on every clip and context forcing: the extra passes of train_dit.py
-        return lambda net, batch, step: net(*batch, self_forcing_p=1.0, context_forcing=2, rollout_steps=2)
+        def loss_fn(net, batch, step):
+            x1, frame_weight = dit.context_forced(dit.Sampler(net, steps=2), *batch, 2)
+            return net(x1, self_forcing_p=1.0, frame_weight=frame_weight)
+        return loss_fn
     if name == "dynamics":  # tokens and actions from the frozen tokenizer and LAM, as train_genie.py makes them
         tokenizer, action_model = vae.Tokenizer(vae.PRESETS["tiny"]), lam.LatentActionModel(lam.PRESETS["tiny"])
 
