@@ -10,8 +10,18 @@ genie reports:
   lam_usage, lam_codes_used,           fraction of transitions per latent action, actions with >= 2 % of them,
   lam_perplexity, nmi                  exp(entropy) of the usage, and the normalised mutual information between
                                        latent actions and the true actions the collector recorded (the models never
-                                       saw them), next to nmi_chance (the same latents shuffled); the confusion
-                                       table (true x latent) is drawn to a PNG heat map
+                                       saw them); the confusion table (true x latent) is drawn to a PNG heat map
+  nmi_effect, effect_accuracy,         the same against what the player sees an action do (`action_effect`: procgen
+  horizontal_accuracy                  left/none/right x jump or not, ALE the action name's directions and fire):
+                                       NMI with these effect classes, and the accuracy of mapping each latent action
+                                       to its most frequent effect class (to its most frequent horizontal direction)
+  probe_accuracy                       a linear probe (logistic regression) from the LAM's code before quantisation
+                                       to the effect class, fitted on clips of the training levels, scored here
+  meaning                              per latent action: its most frequent effect, that effect's share and count;
+                                       also written to MODELS/meaning.json, where play.py finds it to label the
+                                       actions and map the arrow keys
+  *_chance, effect_majority            each figure for the same latent actions shuffled (the level of chance), and
+                                       the share of the most frequent effect class (what a constant guess scores)
   delta_psnr_t4, delta_psnr_long       controllability (Genie's Delta_t PSNR): PSNR of frames generated with the
                                        latent actions inferred from the real clip minus PSNR with random latent
                                        actions, at t = 4 and at t = --horizon
@@ -31,6 +41,7 @@ dit reports (-> results/dit_eval.json and a plot beside it), each a list over ho
 """
 import argparse
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -91,6 +102,77 @@ def normalised_mutual_information(x, y):
     return 2 * mutual / (hx + hy) if hx + hy > 0 else 0.0
 
 
+def action_effect(name, source):
+    """What a game action does on screen, read from its name -> (horizontal direction, effect class name).
+
+    procgen (source 'procgen:...'): left/none/right x jump or not: 'LEFT+UP' -> ('left', 'left + jump'); DOWN and the
+    letter keys change nothing a player of most procgen games sees, so they count as none.
+    ALE: the directions and fire in the name: 'UPRIGHTFIRE' -> ('right', 'up + right + fire')."""
+    parts = set(re.findall(r"LEFT|RIGHT|UP|DOWN|FIRE", name))
+    horizontal = "left" if "LEFT" in parts else "right" if "RIGHT" in parts else "none"
+    if source.startswith("procgen:"):
+        words = ["jump"] if "UP" in parts else []
+        words = ([horizontal] if horizontal != "none" else []) + words
+    else:
+        words = [w.lower() for w in ("UP", "DOWN", "LEFT", "RIGHT", "FIRE") if w in parts]
+    return horizontal, " + ".join(words) or "none"
+
+
+def mapping_accuracy(latent, labels):
+    """Accuracy of naming each latent action by the label it most often has: (M,) ints, (M,) ints -> float."""
+    table = np.zeros((latent.max() + 1, labels.max() + 1), np.int64)
+    np.add.at(table, (latent, labels), 1)
+    return float(table.max(1).sum() / len(latent))
+
+
+def linear_probe(train_x, train_y, test_x, test_y, classes):
+    """Accuracy on (test_x, test_y) of a logistic regression fitted on (train_x (M, C) float, train_y (M,) int):
+    how much of the label a linear read-out of the features holds. Deterministic (full-batch L-BFGS, float64)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x, test = (torch.as_tensor((a - mean) / std, dtype=torch.float64) for a in (train_x, test_x))
+    y = torch.as_tensor(train_y)
+    weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + 1e-3 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(((test @ weight + bias).argmax(1).numpy() == test_y).mean())
+
+
+def latent_action_figures(latent, true, names, source, num_actions, rng):
+    """Figures of latent actions (M,) against the true actions (M,) named `names` in a store from `source`: usage,
+    NMI with the true actions and with their effect classes, mapping accuracies, the meaning table; each figure also
+    for the latents shuffled by rng (_chance)."""
+    effects = [action_effect(n, source) for n in names]
+    effect_names = list(dict.fromkeys(e for _, e in effects))  # in order of first appearance
+    effect = np.array([effect_names.index(e) for _, e in effects])[true]  # (M,)
+    horizontal = np.array([("left", "none", "right").index(h) for h, _ in effects])[true]  # (M,)
+    shuffled = rng.permutation(latent)
+    usage = np.bincount(latent, minlength=num_actions) / len(latent)
+    figures = {"lam_usage": usage.tolist(), "lam_codes_used": int((usage >= 0.02).sum()),
+               "lam_perplexity": float(np.exp(entropy(usage))), "effects": effect_names,
+               "effect_majority": float(np.bincount(effect).max() / len(effect))}
+    # NMI is biased upwards on few samples: the same latent actions shuffled give the level of chance.
+    for suffix, lat in (("", latent), ("_chance", shuffled)):
+        figures.update({f"nmi{suffix}": normalised_mutual_information(true, lat),
+                        f"nmi_effect{suffix}": normalised_mutual_information(effect, lat),
+                        f"effect_accuracy{suffix}": mapping_accuracy(lat, effect),
+                        f"horizontal_accuracy{suffix}": mapping_accuracy(lat, horizontal)})
+    figures["meaning"] = []
+    for a in range(num_actions):
+        counts = np.bincount(effect[latent == a], minlength=len(effect_names))
+        top = int(counts.argmax())
+        figures["meaning"].append({"action": a, "effect": effect_names[top] if counts.sum() else "unused",
+                                   "share": float(counts[top] / max(1, counts.sum())), "count": int(counts.sum())})
+    return figures
+
+
 def draw_confusion(path, table, row_names, title):
     """A heat map of `table` (true action x latent action), each row normalised, written as PNG with OpenCV."""
     cell, left, top = 40, 110, 60
@@ -120,6 +202,19 @@ def rollout(tokenizer, sampler, first, actions, generator):
 
 
 @torch.no_grad()
+def lam_codes(action_model, dataset, rng, clips, batch_size, device):
+    """The LAM's codes before quantisation and the true actions of `clips` random clips of dataset -> (M, C), (M,)."""
+    picks = rng.choice(len(dataset), min(clips, len(dataset)), replace=False)
+    codes, true = [], []
+    for i in range(0, len(picks), batch_size):
+        batch = [dataset[int(j)] for j in picks[i:i + batch_size]]
+        frames = torch.stack([b["frames"] for b in batch]).to(device)
+        codes.append(action_model.encode(frames).flatten(0, 1).float().cpu())
+        true.append(torch.stack([b["actions"][:-1] for b in batch]).flatten())
+    return torch.cat(codes).numpy(), torch.cat(true).numpy()
+
+
+@torch.no_grad()
 def evaluate_genie(args):
     device = get_device(args.device)
     models = Path(args.models)
@@ -135,12 +230,17 @@ def evaluate_genie(args):
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(dataset), min(args.clips, len(dataset)), replace=False)
     generator = torch.Generator(device).manual_seed(args.seed)
-    tokenizer_psnr, codes, latent, true, inferred_psnr, random_psnr, baseline_psnr = [], [], [], [], [], [], []
+    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+    train_codes, train_true = lam_codes(action_model, WindowDataset(store, args.horizon + 1, split="train"),
+                                        rng, args.clips, args.batch_size, device)
+    tokenizer_psnr, codes, latent, true, val_codes, inferred_psnr, random_psnr, baseline_psnr = ([] for _ in range(8))
     for i in range(0, len(picks), args.batch_size):
         batch = [dataset[int(j)] for j in picks[i:i + args.batch_size]]
         frames = torch.stack([b["frames"] for b in batch]).to(device)  # (B, T, 3, 64, 64)
-        actions = action_model.infer_actions(frames)  # (B, T - 1)
+        z = action_model.encode(frames)  # (B, T - 1, C): the code before quantisation, for the probe
+        actions = action_model.vq.nearest(z)  # (B, T - 1), as infer_actions
         latent.append(actions.flatten().cpu())
+        val_codes.append(z.flatten(0, 1).float().cpu())
         true.append(torch.stack([b["actions"][:-1] for b in batch]).flatten())
         if tokenizer is None:
             continue
@@ -157,17 +257,12 @@ def evaluate_genie(args):
 
     latent, true = torch.cat(latent).numpy(), torch.cat(true).numpy()
     num_actions = action_model.config.num_actions
-    usage = np.bincount(latent, minlength=num_actions) / len(latent)
-    results = {
-        "clips": len(picks), "horizon": args.horizon, "maskgit_steps": args.maskgit_steps,
-        "temperature": args.temperature,
-        "lam_usage": usage.tolist(),
-        "lam_codes_used": int((usage >= 0.02).sum()),
-        "lam_perplexity": float(np.exp(entropy(usage))),
-        "nmi": normalised_mutual_information(true, latent),
-        # NMI is biased upwards on few samples: the same latent actions shuffled give the level of chance.
-        "nmi_chance": normalised_mutual_information(true, rng.permutation(latent)),
-    }
+    results = {"clips": len(picks), "horizon": args.horizon, "maskgit_steps": args.maskgit_steps,
+               "temperature": args.temperature,
+               **latent_action_figures(latent, true, names, store.meta["source"], num_actions, rng)}
+    effect_index = np.array([results["effects"].index(action_effect(n, store.meta["source"])[1]) for n in names])
+    results["probe_accuracy"] = linear_probe(train_codes, effect_index[train_true], torch.cat(val_codes).numpy(),
+                                             effect_index[true], len(results["effects"]))
     if tokenizer is not None:
         results["tokenizer_psnr"] = float(torch.cat(tokenizer_psnr).mean())
         results["codebook_used"] = len(torch.cat(codes).unique()) / tokenizer.config.num_codes
@@ -177,7 +272,6 @@ def evaluate_genie(args):
         results.update(delta_psnr_t4=float(inferred[t4] - shuffled[t4]), delta_psnr_long=float(inferred[-1] - shuffled[-1]),
                        rollout_psnr=inferred.tolist(), random_action_psnr=shuffled.tolist(),
                        baseline_psnr=baseline.tolist())
-    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
     table = np.zeros((len(names), num_actions), np.int64)
     np.add.at(table, (true, latent), 1)
     results["confusion"] = table.tolist()
@@ -185,13 +279,22 @@ def evaluate_genie(args):
     draw_confusion(json_path.with_name(json_path.stem + "_confusion.png"), table, names,
                    f"true action (rows) x latent action (columns), NMI {results['nmi']:.3f}")
     atomic_write_text(json_path, json.dumps(results, indent=1))
+    atomic_write_text(models / "meaning.json", json.dumps({"data": str(args.data), "transitions": len(latent),
+                                                           "meaning": results["meaning"]}, indent=1))
 
     print(f"held-out clips        {len(picks)} x {args.horizon + 1} frames of {args.data}")
     if tokenizer is not None:
         print(f"tokenizer PSNR        {results['tokenizer_psnr']:.2f} dB, codebook used {results['codebook_used']:.1%}")
     print(f"latent actions used   {results['lam_codes_used']} of {num_actions} (>= 2 %), perplexity "
-          f"{results['lam_perplexity']:.2f}, usage " + " ".join(f"{u:.0%}" for u in usage))
+          f"{results['lam_perplexity']:.2f}, usage " + " ".join(f"{u:.0%}" for u in results["lam_usage"]))
     print(f"NMI with true actions {results['nmi']:.3f} (chance level {results['nmi_chance']:.3f})")
+    print(f"NMI with effects      {results['nmi_effect']:.3f} (chance level {results['nmi_effect_chance']:.3f}); "
+          f"effect classes: {', '.join(results['effects'])}")
+    print(f"mapping accuracy      effect {results['effect_accuracy']:.1%} (chance {results['effect_accuracy_chance']:.1%}"
+          f", majority {results['effect_majority']:.1%}), horizontal {results['horizontal_accuracy']:.1%} (chance "
+          f"{results['horizontal_accuracy_chance']:.1%}); linear probe of the effect {results['probe_accuracy']:.1%}")
+    print("meaning               " + ", ".join(f"{m['action']}: {m['effect']} ({m['share']:.0%})"
+                                               for m in results["meaning"]))
     if dynamics_model is not None:
         print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
               f"{results['delta_psnr_long']:+.2f} dB")
@@ -199,7 +302,7 @@ def evaluate_genie(args):
         for name, values in (("rollout PSNR", inferred), ("random actions PSNR", shuffled),
                              ("copy-first baseline", baseline)):
             print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in values.tolist()))
-    print(f"wrote {json_path} and {json_path.with_name(json_path.stem + '_confusion.png')}")
+    print(f"wrote {json_path}, {json_path.with_name(json_path.stem + '_confusion.png')} and {models / 'meaning.json'}")
     return results
 
 
@@ -313,7 +416,8 @@ def main():
     p.add_argument("--horizon", type=positive(int), default=16, help="frames generated per clip (default 16)")
     p.add_argument("--batch_size", type=positive(int), default=32, help="clips per batch (default 32)")
     p.add_argument("--maskgit_steps", type=positive(int), default=8, help="decoding steps per frame (default 8)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of the tokens (default 0: the most likely ones; 1 samples the model)")
     p.add_argument("--json", help="where to write the figures (default results/genie_eval.json)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clip choice and the sampling")

@@ -4,8 +4,9 @@ Legend: B batch, T frames, N = (image_size / patch)^2 patch tokens per frame, P 
 D model dim, C code dim, K num_actions.
 
 Encoder (inverse dynamics): the frames' patch tokens go through a spatio-temporal transformer, causal in time, so the
-tokens of frame t+1 see x_1..x_{t+1}; their mean becomes a small code, quantised to one of K actions: a_t for the
-transition t -> t+1. Decoder (forward dynamics): x_1..x_t through a second transformer, each frame conditioned (adaLN)
+tokens of frame t+1 see x_1..x_{t+1}; a learned attention pooling (softmax of a score per token) sums them into a small
+code, quantised to one of K actions: a_t for the transition t -> t+1. The pooling can put its weight on the few
+patches that moved, where a mean would dilute them among 64 (`pool`: attn; mean for the ablation). Decoder (forward dynamics): x_1..x_t through a second transformer, each frame conditioned (adaLN)
 on the action taken after it, predicts the patches of x_{t+1}. The only path from x_{t+1} to the decoder is a_t, so a
 useful action must say what changed. One clip trains all T - 1 transitions at once. After training only the encoder
 matters: infer_actions labels clips for the dynamics model.
@@ -52,6 +53,7 @@ class LAMConfig:
     usage_weight: float = 0.1   # weight of KL(batch code distribution || uniform); 0 = off
     temperature: float = 0.1    # of the soft assignment used by the usage term
     motion_weight: float = 4.0  # extra reconstruction weight on pixels that change; 0 = plain MSE
+    pool: str = "attn"          # frame t+1's patch features -> action code: attn (learned scores) or mean
 
     @property
     def grid(self):  # side of the patch grid
@@ -70,15 +72,16 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
 
     def __init__(self, config: LAMConfig):
         super().__init__()
-        if config.image_size % config.patch or not 0 <= config.context_mask < 1:
-            raise ValueError(f"patch {config.patch} must divide image_size {config.image_size}, and context_mask "
-                             f"{config.context_mask} lie in [0, 1)")
+        if config.image_size % config.patch or not 0 <= config.context_mask < 1 or config.pool not in ("attn", "mean"):
+            raise ValueError(f"patch {config.patch} must divide image_size {config.image_size}, context_mask "
+                             f"{config.context_mask} lie in [0, 1) and pool {config.pool!r} be attn or mean")
         self.config = config
         c, g = config, config.grid
         pixels = 3 * c.patch ** 2
         self.enc_embed = nn.Linear(pixels, c.dim)
         self.enc_cond = nn.Parameter(0.02 * torch.randn(c.dim))  # nothing conditions the encoder: a learned constant
         self.encoder = STTransformer(c.dim, c.depth, c.heads, g, g)
+        self.pool_score = nn.Linear(c.dim, 1) if c.pool == "attn" else None
         self.to_code = nn.Linear(c.dim, c.code_dim)
         # The VQ's dead_after counts steps; 0 (off) becomes "never", a count no run reaches.
         self.vq = VectorQuantizer(c.num_actions, c.code_dim, c.commitment, c.dead_after or 2 ** 62)
@@ -96,8 +99,10 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         """(B, T, 3, H, W) -> unquantised codes (B, T - 1, C) of the transitions; code t sees frames 0..t+1 only."""
         b, t = frames.shape[:2]
         x = self.enc_embed(self.patchify(frames))  # (B, T, N, D)
-        x = self.encoder(x, self.enc_cond.expand(b, t, -1))
-        return self.to_code(x[:, 1:].mean(2))  # (B, T - 1, C): frame t+1's tokens, which attend to the past
+        x = self.encoder(x, self.enc_cond.expand(b, t, -1))[:, 1:]  # (B, T - 1, N, D): frame t+1's, seeing the past
+        if self.pool_score is None:
+            return self.to_code(x.mean(2))
+        return self.to_code((F.softmax(self.pool_score(x), dim=2) * x).sum(2))  # (B, T - 1, C)
 
     def action_embedding(self, actions):  # (...) int64 -> (..., D), the decoder's condition for those actions
         return self.action_embed(self.vq.lookup(actions))

@@ -43,10 +43,11 @@ class GenieWorld:
     """A batch of worlds stepped together (batch 1 for play). Frames are uint8 (B, H, W, 3).
 
     The interface every front end uses: reset(frames) -> frames, step(actions) -> frames, undo() -> frames,
-    num_actions. Any world model that offers these plugs into the terminal and web front ends. Runs in bf16 on CUDA."""
+    num_actions, and `meaning` (read_meaning: what each latent action does, or None). Any world model that offers these
+    plugs into the terminal and web front ends. Runs in bf16 on CUDA."""
 
-    def __init__(self, tokenizer, dynamics, maskgit_steps=8, temperature=1.0, seed=0):
-        self.tokenizer, self.dynamics = tokenizer, dynamics
+    def __init__(self, tokenizer, dynamics, maskgit_steps=8, temperature=0.0, seed=0, meaning=None):
+        self.tokenizer, self.dynamics, self.meaning = tokenizer, dynamics, meaning
         self.device = next(dynamics.parameters()).device
         self.num_actions = dynamics.config.num_actions
         self.maskgit_steps, self.temperature = maskgit_steps, temperature
@@ -58,7 +59,7 @@ class GenieWorld:
     def load(cls, models, device=None, **options):
         device = get_device(device)
         return cls(load_model(Tokenizer, Path(models) / "tokenizer", device),
-                   load_model(Dynamics, Path(models) / "dynamics", device), **options)
+                   load_model(Dynamics, Path(models) / "dynamics", device), meaning=read_meaning(models), **options)
 
     def compile(self):
         """Compile what runs for every step (utils.compile_step), for this world and those it spawns: the dynamics'
@@ -68,7 +69,7 @@ class GenieWorld:
 
     def spawn(self, seed):
         """Another world on the same models (one per browser session)."""
-        return GenieWorld(self.tokenizer, self.dynamics, self.maskgit_steps, self.temperature, seed)
+        return GenieWorld(self.tokenizer, self.dynamics, self.maskgit_steps, self.temperature, seed, self.meaning)
 
     @torch.no_grad()
     def reset(self, frames):
@@ -101,6 +102,45 @@ class GenieWorld:
         with autocast(self.device):
             self.sampler.start(torch.stack(frames, 1), actions)
             return to_uint8(self.tokenizer.decode(self.tokens[-1]))
+
+
+# What each key of the page asks for, in order of preference: an effect name of evaluate.action_effect, or a word of one.
+KEY_EFFECTS = {"ArrowLeft": ["left"], "ArrowRight": ["right"], "ArrowUp": ["jump", "up"], " ": ["jump", "fire"],
+               "ArrowDown": ["down", "none"]}
+
+
+def read_meaning(models):
+    """What each latent action most often did on held-out data, as evaluate.py genie wrote it to MODELS/meaning.json:
+    [{"action", "effect", "share", "count"}, ...]; None when the models have not been evaluated."""
+    path = Path(models) / "meaning.json"
+    if not path.exists():
+        return None
+    try:
+        return [dict(action=int(m["action"]), effect=str(m["effect"]), share=float(m["share"]))
+                for m in json.loads(path.read_text())["meaning"]]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not the meaning table evaluate.py genie writes; delete it or rerun "
+                        f"evaluate.py genie") from None
+
+
+def action_labels(meaning, num_actions):
+    """A label per latent action: '3: right + jump (71 %)' with a meaning, '3' without."""
+    effects = {m["action"]: f"{m['effect']} ({m['share']:.0%})" for m in meaning or []}
+    return [f"{a}: {effects[a]}" if a in effects else str(a) for a in range(num_actions)]
+
+
+def default_keymap(meaning):
+    """The arrow keys and space -> the latent action that means what the key asks for (KEY_EFFECTS): of those whose
+    effect is exactly that, else of those whose effect includes it, the one with the largest share; -1 for none."""
+    keymap = {}
+    for key, wanted in KEY_EFFECTS.items():
+        keymap[key] = -1
+        for matches in (lambda m, w: m["effect"] == w, lambda m, w: w in m["effect"].split(" + ")):
+            found = [m for w in wanted for m in meaning or [] if matches(m, w)]
+            if found:
+                keymap[key] = max(found, key=lambda m: m["share"])["action"]
+                break
+    return keymap
 
 
 def prompt_frame(args, rng):
@@ -154,7 +194,8 @@ def play_terminal(world, new_prompt, out):
         import tty
         saved = termios.tcgetattr(sys.stdin)
         tty.setcbreak(sys.stdin)
-    print(f"keys: 0-{world.num_actions - 1} act, r reset, q quit; current frame: {out / 'current.png'}")
+    print(f"keys: 0-{world.num_actions - 1} act ({', '.join(action_labels(world.meaning, world.num_actions))}), "
+          f"r reset, q quit; current frame: {out / 'current.png'}")
     try:
         frame, step = world.reset(new_prompt()[None])[0], 0
         save_frame(out / "current.png", frame)
@@ -203,6 +244,8 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
     through an SSH port forward unchanged. Requests from another Origin (or for another Host, DNS rebinding) get 403.
     """
     page = Path(__file__).with_name("play.html").read_bytes()
+    labels = action_labels(world.meaning, world.num_actions)
+    keymap = default_keymap(world.meaning) if world.meaning else None  # without a meaning the page keeps its own
     sessions, lock, seeds = OrderedDict(), threading.Lock(), itertools.count(1)
     # Every model call runs on this one thread, one at a time: sessions never see each other's state half-updated,
     # and the CUDA graphs of --compile, which torch records per thread, are recorded once, not once per request.
@@ -307,7 +350,7 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
                     return 404, {"error": e.args[0]}
                 return 200, {"session": session_id, "frame": png_data_url(session.frames[-1]),
                              "step": len(session.frames) - 1, "num_actions": world.num_actions,
-                             "ms": (time.perf_counter() - started) * 1000}
+                             "labels": labels, "keymap": keymap, "ms": (time.perf_counter() - started) * 1000}
 
     # The first calls compile (--compile) and warm up the kernels: make them now, on the model thread (where CUDA graphs
     # must be recorded), rather than at the player's first key.
@@ -347,7 +390,8 @@ def main():
     parser.add_argument("--port", type=int, default=8765, help="web: port (default 8765; 0 picks a free one)")
     parser.add_argument("--no_browser", action="store_true", help="web: do not open a browser even with a display")
     parser.add_argument("--maskgit_steps", type=int, default=8, help="parallel decoding steps per frame (default 8)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature of the next frame's tokens (default 0: the most likely ones)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling")
     add_step_compile_flag(parser)

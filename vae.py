@@ -34,7 +34,7 @@ class TokenizerConfig:
     channel_mult: list = field(default_factory=lambda: [1, 2, 3])  # a stride-2 step between stages: 64 -> 16
     res_blocks: int = 2       # residual blocks per stage
     num_codes: int = 1024
-    code_dim: int = 32
+    code_dim: int = 8         # small codes compared by cosine: +0.5 dB at the tiny preset over 32 (README)
     commitment: float = 0.25  # weight of the loss that pulls encoder outputs towards their codes
     dead_after: int = 100     # training steps a code may go unused before it is restarted
 

@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, assert_user_error, run
+from evaluate import action_effect, latent_action_figures, linear_probe
+from play import default_keymap
+
+PROCGEN_ACTIONS = ["LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP", "D", "A",
+                   "W", "S", "Q", "E"]  # procgen's 15, as download.py names them
 
 
 def test_every_phase_learns(genie):
@@ -58,11 +63,61 @@ def test_evaluate_genie_writes_the_figures(genie, tmp_path):
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     for key in ("tokenizer_psnr", "codebook_used", "lam_usage", "lam_codes_used", "lam_perplexity", "nmi",
-                "delta_psnr_t4", "delta_psnr_long", "rollout_psnr", "baseline_psnr"):
+                "delta_psnr_t4", "delta_psnr_long", "rollout_psnr", "baseline_psnr", "nmi_effect", "effect_accuracy",
+                "horizontal_accuracy", "probe_accuracy", "effect_accuracy_chance", "effect_majority"):
         assert key in figures
     assert len(figures["rollout_psnr"]) == len(figures["baseline_psnr"]) == 5
-    assert abs(sum(figures["lam_usage"]) - 1) < 1e-6 and 0 <= figures["nmi"] <= 1
+    assert abs(sum(figures["lam_usage"]) - 1) < 1e-6 and 0 <= figures["nmi"] <= 1 and 0 <= figures["nmi_effect"] <= 1
+    assert figures["effects"] == ["left", "left + jump", "none", "jump", "right", "right + jump"]
     assert (tmp_path / "eval_confusion.png").stat().st_size > 0
+    meaning = json.loads((genie / "models" / "meaning.json").read_text())["meaning"]  # for play.py's labels
+    assert meaning == figures["meaning"] and len(meaning) == 8
+    assert sum(m["count"] for m in meaning) == 16 * 5
+
+
+def test_effect_classes_read_from_action_names():
+    assert [action_effect(n, "procgen:coinrun")[1] for n in ("LEFT+UP", "RIGHT", "DOWN", "Q", "NOOP", "UP")] == \
+        ["left + jump", "right", "none", "none", "none", "jump"]
+    assert action_effect("RIGHT+DOWN", "procgen:coinrun") == ("right", "right")
+    assert action_effect("UPRIGHTFIRE", "ale:pong") == ("right", "up + right + fire")
+    assert action_effect("DOWNLEFT", "ale:freeway") == ("left", "down + left")
+    assert action_effect("NOOP", "ale:breakout") == ("none", "none")
+
+
+def test_latent_action_figures_on_planted_latents():
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, len(PROCGEN_ACTIONS), 6000)
+    effects = [action_effect(n, "procgen:coinrun")[1] for n in PROCGEN_ACTIONS]
+    classes = list(dict.fromkeys(effects))
+    planted = np.array([classes.index(effects[a]) for a in true])  # a LAM whose codes are the effect classes
+    figures = latent_action_figures(planted, true, PROCGEN_ACTIONS, "procgen:coinrun", 8, rng)
+    assert figures["nmi_effect"] == pytest.approx(1) and figures["effect_accuracy"] == 1
+    assert figures["horizontal_accuracy"] == 1 and figures["lam_codes_used"] == 6
+    assert [m["effect"] for m in figures["meaning"]] == classes + ["unused", "unused"]
+    assert [m["share"] for m in figures["meaning"][:6]] == [1] * 6
+    assert figures["nmi_effect_chance"] < 0.01  # the shuffled latents
+
+    shuffled = latent_action_figures(rng.permutation(planted), true, PROCGEN_ACTIONS, "procgen:coinrun", 8, rng)
+    assert shuffled["nmi_effect"] < 0.01 and shuffled["nmi"] < 0.01
+    assert shuffled["effect_accuracy"] == pytest.approx(shuffled["effect_majority"], abs=0.03)
+    none_share = np.mean([action_effect(PROCGEN_ACTIONS[a], "procgen:coinrun")[0] == "none" for a in true])
+    assert shuffled["horizontal_accuracy"] == pytest.approx(none_share, abs=0.03)  # everything maps to "none"
+
+
+def test_linear_probe_reads_a_linear_code_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 2000)
+    codes = rng.normal(size=(6, 16))[labels] + 0.3 * rng.normal(size=(2000, 16))
+    assert linear_probe(codes[:1000], labels[:1000], codes[1000:], labels[1000:], 6) == 1
+    noise = rng.normal(size=(2000, 16))
+    assert linear_probe(noise[:1000], labels[:1000], noise[1000:], labels[1000:], 6) < 0.25  # chance: 1/6
+
+
+def test_default_keys_follow_the_meaning():
+    meaning = [{"action": 0, "effect": "left + jump", "share": 0.5}, {"action": 1, "effect": "right", "share": 0.4},
+               {"action": 2, "effect": "right", "share": 0.7}, {"action": 3, "effect": "right + jump", "share": 0.9}]
+    # no action means "left" or "jump" alone: the keys take one that includes it; nothing means "none"
+    assert default_keymap(meaning) == {"ArrowLeft": 0, "ArrowRight": 2, "ArrowUp": 3, " ": 3, "ArrowDown": -1}
 
 
 @pytest.mark.parametrize("actions, message", [("1,9", "got [9]"), ("1,x", "not '1,x'"), ("-1", "got [-1]")])

@@ -1,6 +1,7 @@
 """The browser front end of play.py: a real server process, a real headless Chromium, and the JSON protocol."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -14,10 +15,23 @@ from conftest import ROOT
 CHROMIUM = "/usr/bin/chromium"
 
 
+# What evaluate.py genie might have measured: labels for the page, and the keys' defaults they imply.
+MEANING = [{"action": 0, "effect": "left", "share": 0.6, "count": 50}, {"action": 1, "effect": "right + jump",
+           "share": 0.71, "count": 40}, {"action": 2, "effect": "right", "share": 0.5, "count": 60},
+           {"action": 3, "effect": "jump", "share": 0.4, "count": 30}, {"action": 4, "effect": "right", "share": 0.3,
+           "count": 20}, {"action": 5, "effect": "none", "share": 0.8, "count": 90},
+           {"action": 6, "effect": "left + jump", "share": 0.5, "count": 10}, {"action": 7, "effect": "unused",
+           "share": 0.0, "count": 0}]
+
+
 @pytest.fixture(scope="module")
-def server(genie):
-    """play.py --ui web on a free port, serving the tiny models trained by the `genie` fixture."""
-    process = subprocess.Popen([sys.executable, "play.py", "--models", str(genie / "models"), "--data",
+def server(genie, tmp_path_factory):
+    """play.py --ui web on a free port, serving the tiny models trained by the `genie` fixture, labelled with MEANING."""
+    models = tmp_path_factory.mktemp("labelled")
+    for phase in ("tokenizer", "lam", "dynamics"):
+        shutil.copytree(genie / "models" / phase, models / phase)
+    (models / "meaning.json").write_text(json.dumps({"meaning": MEANING}))
+    process = subprocess.Popen([sys.executable, "play.py", "--models", str(models), "--data",
                                 str(genie / "coinrun"), "--port", "0", "--no_browser"], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = process.stdout.readline()
@@ -46,6 +60,8 @@ def request(url, path, body=None, headers=None):
 def test_bad_requests_get_4xx_and_leave_the_session_alone(server):
     status, session = request(server, "/api/session", {})
     assert status == 200 and session["step"] == 0 and session["num_actions"] == 8
+    assert session["labels"][1] == "1: right + jump (71%)" and session["labels"][7] == "7: unused (0%)"
+    assert session["keymap"] == {"ArrowLeft": 0, "ArrowRight": 2, "ArrowUp": 3, " ": 3, "ArrowDown": 5}
     sid = session["session"]
     for body in ({"session": sid, "action": 8}, {"session": sid, "action": -1}, {"session": sid, "action": "3"},
                  {"session": sid, "action": True}, {"session": sid}):
@@ -94,6 +110,7 @@ def test_play_in_a_real_browser(server, tmp_path):
         page = browser.new_page(accept_downloads=True)
         page.goto(server + "/")
         page.wait_for_function("document.querySelectorAll('#actions button').length === 8")
+        assert page.text_content("#actions button[data-action='1']") == "1: right + jump (71%)"
         canvas = "document.getElementById('screen').toDataURL()"
         page.wait_for_function("document.getElementById('screen').width === 64")
         first = page.evaluate(canvas)
@@ -101,7 +118,8 @@ def test_play_in_a_real_browser(server, tmp_path):
         page.keyboard.press("3")
         page.wait_for_function("document.getElementById('step').textContent === '1'")
         page.wait_for_function(f"{canvas} !== {json.dumps(first)}")
-        page.keyboard.press("ArrowRight")  # bound to action 1 until the user changes it
+        assert page.input_value("select[data-key='ArrowRight']") == "2"  # the action that most often went right
+        page.keyboard.press("ArrowRight")
         page.wait_for_function("document.getElementById('step').textContent === '2'")
         page.click("#actions button[data-action='7']")
         page.wait_for_function("document.getElementById('step').textContent === '3'")
@@ -122,6 +140,8 @@ def test_play_in_a_real_browser(server, tmp_path):
         page.reload()
         page.wait_for_function("document.querySelectorAll('#actions button').length === 8")
         assert page.input_value("select[data-key='ArrowLeft']") == "6"
+        page.click("#keymap-reset")  # back to the keys the labels give
+        assert page.input_value("select[data-key='ArrowLeft']") == "0"
         page.keyboard.press("r")
         page.wait_for_function("document.getElementById('step').textContent === '0'")
         assert page.text_content("#error") == ""
