@@ -54,7 +54,7 @@ class DiTConfig:
 
 
 PRESETS = {
-    "tiny": DiTConfig(dim=64, depth=2, heads=4),
+    "tiny": DiTConfig(seq_len=12, dim=64, depth=2, heads=4),
     "small": DiTConfig(dim=384, depth=6, heads=6),
     "default": DiTConfig(),
 }

@@ -4,6 +4,7 @@
   python evaluate.py genie --models models/genie videos/coinrun --clips 256 --horizon 16 --json results/genie_eval.json
   python evaluate.py vae --vae models/vae2 videos/z8r255LoVJc_12fps_320x180   # held-out stretch of the footage
   python evaluate.py dit --models models/ videos/z8r255LoVJc_12fps_320x180 --horizon 16
+  python evaluate.py plot models/genie/logs/tokenizer.json models/genie_4x/logs/tokenizer.json --out results/tok.png
 
 genie reports:
   tokenizer_psnr, codebook_used        reconstruction PSNR (dB) and the fraction of the codebook used on held-out frames
@@ -38,6 +39,9 @@ dit reports (-> results/dit_eval.json and a plot beside it), each a list over ho
                                        frames through the VAE) against the true continuation
   baseline_psnr, baseline_ssim         copying the last prompt frame on the same windows (a world model must beat it)
   recon_psnr                           the VAE's reconstruction of the true frames: the ceiling the DiT works under
+  best_of_k_psnr                       with --samples K > 1: per clip and step the best PSNR of K continuations
+                                       (other noise, same prompt), averaged over the clips: the usual measure for a
+                                       stochastic predictor, which may pick any of the futures the prompt allows
 """
 import argparse
 import json
@@ -333,31 +337,56 @@ def evaluate_vae(args):
     return results
 
 
-def draw_curves(path, curves, title, ylabel="PSNR (dB)"):
-    """A line plot of named curves over horizon steps 1..H, drawn with OpenCV and written as PNG."""
+def draw_curves(path, curves, title, xlabel="horizon step", ylabel="PSNR (dB)", log_y=False):
+    """A line plot of named curves {name: (x values, y values)}, drawn with OpenCV and written as PNG; log_y draws
+    the y axis in decades (losses)."""
     width, height, left, bottom, top = 640, 400, 60, 40, 40
-    values = np.concatenate([np.asarray(v, float) for v in curves.values()])
-    low, high = np.floor(values.min()) - 1, np.ceil(values.max()) + 1
+    curves = {name: (np.asarray(x, float), np.log10(y) if log_y else np.asarray(y, float))
+              for name, (x, y) in curves.items()}
+    xs, ys = (np.concatenate([c[i] for c in curves.values()]) for i in (0, 1))
+    pad = 0.1 if log_y else 1
+    low, high = np.floor(ys.min() / pad) * pad - pad, np.ceil(ys.max() / pad) * pad + pad
+    first, last = xs.min(), max(xs.max(), xs.min() + 1)
     image = np.full((height, width, 3), 255, np.uint8)
-    steps = len(next(iter(curves.values())))
 
-    def point(i, value):
-        x = left + (width - left - 20) * (i / max(1, steps - 1))
-        y = top + (height - top - bottom) * (high - value) / (high - low)
-        return int(x), int(y)
+    def point(x, y):
+        return (int(left + (width - left - 20) * (x - first) / (last - first)),
+                int(top + (height - top - bottom) * (high - y) / (high - low)))
 
     cv2.rectangle(image, (left, top), (width - 20, height - bottom), (0, 0, 0), 1)
-    for value in np.linspace(low, high, 5):
-        cv2.putText(image, f"{value:.1f}", (5, point(0, value)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
-    cv2.putText(image, f"{title}: {ylabel} at horizon step 1..{steps}", (left, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
-                (0, 0, 0), 1)
-    colours = [(200, 60, 30), (30, 30, 200), (40, 150, 40), (120, 120, 120)]
-    for k, (name, curve) in enumerate(curves.items()):
-        points = np.array([point(i, v) for i, v in enumerate(curve)], np.int32)
-        cv2.polylines(image, [points], False, colours[k % 4], 2)
-        cv2.putText(image, name, (width - 200, top + 20 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colours[k % 4], 1)
+    for y in np.linspace(low, high, 5):
+        label = f"{10 ** y:.3g}" if log_y else f"{y:.1f}"
+        cv2.putText(image, label, (5, point(first, y)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    for x in (first, last):
+        cv2.putText(image, f"{x:g}", (point(x, low)[0] - 10, height - bottom + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                    (0, 0, 0), 1)
+    cv2.putText(image, f"{title}: {ylabel} against {xlabel}", (left, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+    colours = [(200, 60, 30), (30, 30, 200), (40, 150, 40), (120, 120, 120), (160, 60, 160), (200, 140, 0)]
+    for k, (name, (x, y)) in enumerate(curves.items()):
+        colour = colours[k % len(colours)]
+        cv2.polylines(image, [np.array([point(a, b) for a, b in zip(x, y)], np.int32)], False, colour, 2)
+        cv2.putText(image, name[-30:], (width - 240, top + 20 + 18 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1)
     with atomic_path(path) as tmp:
         cv2.imwrite(str(tmp), image[..., ::-1])
+
+
+def plot_logs(args):
+    """Training curves: `key` of each log (logs/*.json, written by every training script) against the step."""
+    names = [Path(log).stem for log in args.logs]
+    if len(set(names)) < len(names):  # the same phase of several runs: name each by its run's folder too
+        names = [f"{Path(log).resolve().parent.parent.name}/{Path(log).stem}" for log in args.logs]
+    curves = {}
+    for name, log in zip(names, args.logs):
+        try:
+            history = json.loads(Path(log).read_text())
+            points = [(h["step"], h[args.key]) for h in history if isinstance(h.get(args.key), (int, float))]
+        except (OSError, ValueError, AttributeError, TypeError, KeyError):
+            raise UserError(f"{log} is not a training log (logs/*.json of a training script)") from None
+        if not points:
+            raise UserError(f"{log} logs no {args.key!r}; it logs {', '.join(history[0]) if history else 'nothing'}")
+        curves[name] = ([s for s, _ in points], [max(v, 1e-12) for _, v in points])
+    draw_curves(args.out, curves, "training", "step", args.key, log_y=True)
+    print(f"wrote {args.out}")
 
 
 @torch.no_grad()
@@ -372,7 +401,8 @@ def evaluate_dit(args):
     generator = torch.Generator(device).manual_seed(args.seed)
     scale = model.config.latent_scale
     sampler = dit.Sampler(model, args.steps, args.context_t)
-    sums = {k: torch.zeros(args.horizon) for k in ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr")}
+    keys = ["psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr"] + (["best_of_k_psnr"] if args.samples > 1 else [])
+    sums = {k: torch.zeros(args.horizon) for k in keys}
     for chunk in tqdm(np.array_split(picks, max(1, len(picks) // args.batch_size)), desc="evaluate dit"):
         frames = torch.stack([windows[int(i)]["frames"] for i in chunk]).to(device)  # (B, P + H, 3, h, w)
         prompt, truth = frames[:, :args.prompt_frames], frames[:, args.prompt_frames:]
@@ -380,28 +410,41 @@ def evaluate_dit(args):
             mu, logvar = vae.encode(prompt.flatten(0, 1))  # (B * P, N, C)
             noise = torch.randn(mu.shape, device=device, generator=generator)
             context = ((mu.float() + (0.5 * logvar.float()).exp() * noise) * scale).unflatten(0, prompt.shape[:2])
-            generated = sampler.rollout(context, args.horizon, generator) / scale
-            decoded = vae.decode(generated.flatten(0, 1)).float().unflatten(0, truth.shape[:2])  # (B, H, 3, h, w)
+            samples = []  # K continuations of the same context: (B, H) PSNRs each; the first is the reported one
+            for k in range(args.samples):
+                generated = sampler.rollout(context, args.horizon, generator) / scale
+                decoded = vae.decode(generated.flatten(0, 1)).float().unflatten(0, truth.shape[:2])  # (B, H, 3, h, w)
+                first = decoded if k == 0 else first
+                samples.append(psnr(decoded, truth).cpu())
             recon = vae.decode(vae.encode(truth.flatten(0, 1))[0]).float().unflatten(0, truth.shape[:2])
         last = prompt[:, -1:].expand_as(truth)  # the baseline: nothing moves after the prompt
-        sums["psnr"] += psnr(decoded, truth).sum(0).cpu()
-        sums["ssim"] += ssim(decoded, truth).sum(0).cpu()
+        sums["psnr"] += samples[0].sum(0)
+        sums["ssim"] += ssim(first, truth).sum(0).cpu()
+        if args.samples > 1:
+            sums["best_of_k_psnr"] += torch.stack(samples).amax(0).sum(0)
         sums["baseline_psnr"] += psnr(last, truth).sum(0).cpu()
         sums["baseline_ssim"] += ssim(last, truth).sum(0).cpu()
         sums["recon_psnr"] += psnr(recon, truth).sum(0).cpu()
     result = {k: [round(float(v), 4) for v in s / len(picks)] for k, s in sums.items()}
-    result.update(clips=len(picks), horizon=args.horizon, prompt_frames=args.prompt_frames, steps=args.steps,
+    result.update(clips=len(picks), samples=args.samples, horizon=args.horizon, prompt_frames=args.prompt_frames,
+                  steps=args.steps,
                   context_t=args.context_t, models=str(args.models), data=str(args.data))
     json_path = Path(args.json or "results/dit_eval.json")
     atomic_write_text(json_path, json.dumps(result, indent=1))
     plot = json_path.with_suffix(".png")
-    draw_curves(plot, {"DiT": result["psnr"], "copy last prompt frame": result["baseline_psnr"],
-                       "VAE reconstruction": result["recon_psnr"]}, "held-out continuation")
+    steps = range(1, args.horizon + 1)
+    curves = {"DiT": (steps, result["psnr"]), "copy last prompt frame": (steps, result["baseline_psnr"]),
+              "VAE reconstruction": (steps, result["recon_psnr"])}
+    if args.samples > 1:
+        curves[f"DiT, best of {args.samples}"] = (steps, result["best_of_k_psnr"])
+    draw_curves(plot, curves, "held-out continuation")
     print(f"{len(picks)} held-out clips, {args.prompt_frames} prompt frames, horizon {args.horizon}")
-    print(f"  {'step':>4s} {'psnr':>7s} {'ssim':>6s} {'copy psnr':>9s} {'copy ssim':>9s} {'vae psnr':>8s}")
+    best = f" best of {args.samples}" if args.samples > 1 else ""
+    print(f"  {'step':>4s} {'psnr':>7s} {'ssim':>6s} {'copy psnr':>9s} {'copy ssim':>9s} {'vae psnr':>8s}{best}")
     for h in range(args.horizon):
         print(f"  {h + 1:4d} {result['psnr'][h]:7.2f} {result['ssim'][h]:6.3f} {result['baseline_psnr'][h]:9.2f} "
-              f"{result['baseline_ssim'][h]:9.3f} {result['recon_psnr'][h]:8.2f}")
+              f"{result['baseline_ssim'][h]:9.3f} {result['recon_psnr'][h]:8.2f}"
+              + (f" {result['best_of_k_psnr'][h]:{len(best)}.2f}" if best else ""))
     print(f"wrote {json_path} and {plot}")
     return result
 
@@ -437,12 +480,20 @@ def main():
     p.add_argument("--horizon", type=positive(int), default=16, help="frames generated per clip (default 16)")
     p.add_argument("--steps", type=positive(int), default=10, help="Euler steps per frame (default 10)")
     p.add_argument("--context_t", type=float, default=0.95, help="flow time of the context frames (default 0.95)")
+    p.add_argument("--samples", type=positive(int), default=1,
+                   help="continuations per clip; K > 1 adds best_of_k_psnr, the best of K per clip (default 1)")
     p.add_argument("--batch_size", type=positive(int), default=8, help="clips per batch (default 8)")
     p.add_argument("--json", help="where to write the figures (default results/dit_eval.json; the plot beside it)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt posterior samples and the noise")
+    p = sub.add_parser("plot", help="training curves from logs/*.json (e.g. a run at 1x, 2x, 4x the steps)")
+    p.add_argument("logs", nargs="+", help="training logs, e.g. models/genie/logs/tokenizer.json")
+    p.add_argument("--key", default="loss", help="logged value to draw (default loss; e.g. recon, ce, flow)")
+    p.add_argument("--out", default="results/curves.png", help="PNG to write (default results/curves.png)")
     args = parser.parse_args()
-    if args.command == "genie":
+    if args.command == "plot":
+        plot_logs(args)
+    elif args.command == "genie":
         seed_everything(args.seed)
         evaluate_genie(args)
     elif args.command == "vae":

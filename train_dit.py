@@ -29,7 +29,7 @@ from utils import UserError, add_config_flags, apply_defaults, build, get_device
 from vae2 import ViTVAE
 
 DEFAULTS = {  # training hyperparameters per preset: steps, batch size, peak learning rate, EMA decay
-    "tiny": dict(steps=300, batch_size=4, lr=1e-3, ema_decay=0.99),
+    "tiny": dict(steps=600, batch_size=4, lr=1e-2, ema_decay=0.99),
     "small": dict(steps=20_000, batch_size=32, lr=3e-4, ema_decay=0.999),
     "default": dict(steps=100_000, batch_size=64, lr=2e-4, ema_decay=0.9999),
 }
@@ -60,10 +60,10 @@ def main():
     parser.add_argument("--vae", default="models/vae2", help="the trained ViT-VAE folder (default models/vae2)")
     parser.add_argument("--out", default="models/dit", help="model folder to write (default models/dit)")
     add_config_flags(parser, dit.PRESETS, "DiT (tiny: CPU tests, small, default: ~257M parameters)")
-    parser.add_argument("--seq_len", type=positive(int), help="frames per training clip (default 24)")
-    parser.add_argument("--steps", type=positive(int), help="training steps (tiny 300, default 100000)")
+    parser.add_argument("--seq_len", type=positive(int), help="frames per training clip (tiny 12, default 24)")
+    parser.add_argument("--steps", type=positive(int), help="training steps (tiny 600, default 100000)")
     parser.add_argument("--batch_size", type=positive(int), help="clips per step (tiny 4, default 64)")
-    parser.add_argument("--lr", type=positive(float), help="peak learning rate (tiny 1e-3, default 2e-4)")
+    parser.add_argument("--lr", type=positive(float), help="peak learning rate (tiny 1e-2, default 2e-4)")
     parser.add_argument("--ema_decay", type=float, help="EMA decay of the saved weights (tiny 0.99, default 0.9999)")
     parser.add_argument("--self_forcing_p", type=float, default=0.25,
                         help="probability of the seed's self-forcing per clip (noise endpoint re-estimated by the "

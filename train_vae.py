@@ -31,7 +31,7 @@ from utils import UserError, add_config_flags, apply_defaults, atomic_path, buil
     run_cli, seed_everything, to_uint8
 
 DEFAULTS = {  # training hyperparameters per preset: steps, batch size, learning rate, beta schedule, picture interval
-    "tiny": dict(steps=300, batch_size=4, lr=1e-3, beta_start_step=100, beta_warmup_steps=100, sample_every=100),
+    "tiny": dict(steps=1200, batch_size=4, lr=1e-3, beta_start_step=100, beta_warmup_steps=100, sample_every=400),
     "default": dict(steps=100_000, batch_size=32, lr=3e-4, beta_start_step=5_000, beta_warmup_steps=20_000,
                     sample_every=1_000),
 }
@@ -59,7 +59,7 @@ def main():
     parser.add_argument("data", help="frame store of 320x180 frames, or a video (prepared once at 12 fps, 320x180)")
     parser.add_argument("--out", default="models/vae2", help="model folder to write (default models/vae2)")
     add_config_flags(parser, vae2.PRESETS, "ViT-VAE (tiny: CPU, tests; default: ~59M parameters, a GPU)")
-    parser.add_argument("--steps", type=positive(int), help="training steps (tiny 300, default 100000)")
+    parser.add_argument("--steps", type=positive(int), help="training steps (tiny 1200, default 100000)")
     parser.add_argument("--batch_size", type=positive(int), help="frames (or pairs) per step (tiny 4, default 32)")
     parser.add_argument("--lr", type=positive(float), help="peak learning rate (tiny 1e-3, default 3e-4)")
     parser.add_argument("--beta_max", type=float, default=3e-4,
@@ -73,7 +73,7 @@ def main():
                              "(default 0: single frames)")
     parser.add_argument("--samples", default="results/vae2_recon.png",
                         help="PNG of held-out frames and their reconstructions (default results/vae2_recon.png)")
-    parser.add_argument("--sample_every", type=positive(int), help="steps between pictures (tiny 100, default 1000)")
+    parser.add_argument("--sample_every", type=positive(int), help="steps between pictures (tiny 400, default 1000)")
     add_training_flags(parser)
     args = parser.parse_args()
     apply_defaults(args, DEFAULTS[args.preset])

@@ -75,6 +75,18 @@ def test_evaluate_genie_writes_the_figures(genie, tmp_path):
     assert sum(m["count"] for m in meaning) == 16 * 5
 
 
+def test_plot_draws_the_training_logs(genie, tmp_path):
+    logs = [genie / "models" / "logs" / f"{phase}.json" for phase in ("tokenizer", "lam", "dynamics")]
+    result = run("evaluate.py", "plot", *logs, "--out", tmp_path / "curves.png")
+    assert result.returncode == 0, result.stderr
+    image = cv2.imread(str(tmp_path / "curves.png"))
+    assert image.shape == (400, 640, 3) and (image != 255).any(axis=2).mean() > 0.01  # axes, labels and 3 curves
+    assert_user_error(run("evaluate.py", "plot", logs[0], "--key", "ce", "--out", tmp_path / "x.png"),
+                      "logs no 'ce'; it logs step, loss")
+    assert_user_error(run("evaluate.py", "plot", genie / "coinrun" / "meta.json", "--out", tmp_path / "x.png"),
+                      "is not a training log")
+
+
 def test_effect_classes_read_from_action_names():
     assert [action_effect(n, "procgen:coinrun")[1] for n in ("LEFT+UP", "RIGHT", "DOWN", "Q", "NOOP", "UP")] == \
         ["left + jump", "right", "none", "none", "none", "jump"]
