@@ -47,7 +47,7 @@ demo: $(VENV)/installed videos/coinrun/meta.json videos/coinrun_wide/meta.json
 	$(PY) dataset.py encode videos/coinrun_wide --vae models/vae2
 	$(PY) train_dit.py videos/coinrun_wide_latents --vae models/vae2 --preset tiny --out models/dit
 	$(PY) evaluate.py vae videos/coinrun_wide --vae models/vae2 --json results/vae2_eval.json
-	$(PY) evaluate.py dit videos/coinrun_wide --models models --clips 16 --horizon 8 --json results/dit_eval.json
+	$(PY) evaluate.py dit videos/coinrun_wide --models models --clips 16 --horizon 8 --samples 4 --json results/dit_eval.json
 	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --num_frames 24 --side_by_side \
 		--output results/generated.mp4
 	$(PY) bench.py generate --preset tiny --json results/bench_generate_tiny.json
