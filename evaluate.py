@@ -122,6 +122,15 @@ def action_effect(name, source):
     return horizontal, " + ".join(words) or "none"
 
 
+def effect_classes(names, source):
+    """The effect classes of a game's actions named `names` -> (class names in order of first appearance, each
+    action's class (A,), each action's horizontal direction (A,): 0 left, 1 none, 2 right)."""
+    effects = [action_effect(n, source) for n in names]
+    classes = list(dict.fromkeys(e for _, e in effects))
+    return (classes, np.array([classes.index(e) for _, e in effects]),
+            np.array([("left", "none", "right").index(h) for h, _ in effects]))
+
+
 def mapping_accuracy(latent, labels):
     """Accuracy of naming each latent action by the label it most often has: (M,) ints, (M,) ints -> float."""
     table = np.zeros((latent.max() + 1, labels.max() + 1), np.int64)
@@ -153,10 +162,8 @@ def latent_action_figures(latent, true, names, source, num_actions, rng):
     """Figures of latent actions (M,) against the true actions (M,) named `names` in a store from `source`: usage,
     NMI with the true actions and with their effect classes, mapping accuracies, the meaning table; each figure also
     for the latents shuffled by rng (_chance)."""
-    effects = [action_effect(n, source) for n in names]
-    effect_names = list(dict.fromkeys(e for _, e in effects))  # in order of first appearance
-    effect = np.array([effect_names.index(e) for _, e in effects])[true]  # (M,)
-    horizontal = np.array([("left", "none", "right").index(h) for h, _ in effects])[true]  # (M,)
+    effect_names, effect_of, horizontal_of = effect_classes(names, source)
+    effect, horizontal = effect_of[true], horizontal_of[true]  # (M,), (M,)
     shuffled = rng.permutation(latent)
     usage = np.bincount(latent, minlength=num_actions) / len(latent)
     figures = {"lam_usage": usage.tolist(), "lam_codes_used": int((usage >= 0.02).sum()),
@@ -264,9 +271,9 @@ def evaluate_genie(args):
     results = {"clips": len(picks), "horizon": args.horizon, "maskgit_steps": args.maskgit_steps,
                "temperature": args.temperature,
                **latent_action_figures(latent, true, names, store.meta["source"], num_actions, rng)}
-    effect_index = np.array([results["effects"].index(action_effect(n, store.meta["source"])[1]) for n in names])
-    results["probe_accuracy"] = linear_probe(train_codes, effect_index[train_true], torch.cat(val_codes).numpy(),
-                                             effect_index[true], len(results["effects"]))
+    effect_of = effect_classes(names, store.meta["source"])[1]
+    results["probe_accuracy"] = linear_probe(train_codes, effect_of[train_true], torch.cat(val_codes).numpy(),
+                                             effect_of[true], len(results["effects"]))
     if tokenizer is not None:
         results["tokenizer_psnr"] = float(torch.cat(tokenizer_psnr).mean())
         results["codebook_used"] = len(torch.cat(codes).unique()) / tokenizer.config.num_codes
