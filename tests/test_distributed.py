@@ -21,7 +21,8 @@ def largest_difference(a, b):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(coinrun, tmp_path):
-    args = ["train_genie.py", "--phase", "tokenizer", "--preset", "tiny", "--steps", 6, "--data", coinrun,
+    # lr 3e-4, what TOLERANCE was measured at: the tiny tokenizer's default 2e-3 scales the rounding differences up
+    args = ["train_genie.py", "--phase", "tokenizer", "--preset", "tiny", "--steps", 6, "--lr", 3e-4, "--data", coinrun,
             "--num_workers", 0, "--log_every", 3]
     result = torchrun(*args, "--batch_size", 8, "--out", tmp_path / "two")
     assert result.returncode == 0, result.stderr[-3000:]
