@@ -5,6 +5,7 @@
   python bench.py generate --preset tiny                                    # CPU, seconds
   python bench.py generate --preset default --frames 1 --runs 1             # CPU, about 5 minutes
   python bench.py play --preset tiny                                        # Genie play steps/s
+  python bench.py memory --model dit --gpu_memory 40                        # no GPU needed, seconds
 
 train: one training step as train_loop runs it (training.train_step: bf16 autocast on CUDA, fp32 on CPU; loss,
 backward, gradient clipping, the finite check, fused AdamW) on random inputs of the model's training shape. Reports
@@ -26,6 +27,10 @@ and one warm-up frame are excluded.
 play: steps/s of the Genie world (play.GenieWorld, batch 1): MaskGIT decoding of the next 16x16 token frame in
 --maskgit_steps steps with the cached context, then the tokenizer's decode to 64x64 pixels.
 
+memory: the estimated peak GPU memory of one training step at the preset and batch (memory.py: the real step on
+fake tensors, bf16 as on CUDA), broken into weights, gradients, AdamW moments, EMA and activations, and the
+micro-batch and activation checkpointing that train_loop would choose on a card of --gpu_memory GB.
+
 --profile prints torch.profiler's table of one more step or frame: what limits the figure.
 --compile: train compiles the model's blocks as train_loop does (the default on CUDA, --no-compile to time eager);
 generate and play compile the per-step calls as generate.py and play.py do with --compile (CUDA graphs on CUDA).
@@ -46,6 +51,7 @@ from torch.utils import flop_counter
 import dit
 import dynamics
 import lam
+import memory
 import train_dit
 import train_genie
 import train_vae
@@ -53,7 +59,7 @@ import vae
 import vae2
 from generate import compile_world, decode_frame
 from play import GenieWorld
-from training import add_compile_flag, compile_blocks, make_optimizer, train_step, use_compile
+from training import add_compile_flag, checkpoint_blocks, compile_blocks, make_optimizer, train_step, use_compile
 from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, positive, run_cli
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
@@ -153,26 +159,34 @@ def bench_generate(args, device):
 
 
 def training_inputs(name, preset, batch_size, device):
-    """A model at the preset and random inputs of its training shape: (model, inputs, tokens per sample)."""
+    """A model at the preset and random inputs of its training shape: (model, batch, tokens per sample), the batch a
+    dict of the forward's arguments in order (see `forward`)."""
     b = batch_size
     if name == "vae2":
         c = vae2.PRESETS[preset]
-        return vae2.ViTVAE(c), (torch.rand(b, 1, 3, c.height, c.width, device=device) * 2 - 1,), c.tokens
+        return vae2.ViTVAE(c), {"frames": torch.rand(b, 1, 3, c.height, c.width, device=device) * 2 - 1}, c.tokens
     if name == "dit":
         c = dit.PRESETS[preset]
         tokens = c.rows * c.cols
-        return dit.DiT(c), (torch.randn(b, c.seq_len, tokens, c.latent_dim, device=device),), c.seq_len * tokens
+        latents = torch.randn(b, c.seq_len, tokens, c.latent_dim, device=device)
+        return dit.DiT(c), {"latents": latents}, c.seq_len * tokens
     if name == "tokenizer":
         c = vae.PRESETS[preset]
-        return vae.Tokenizer(c), (torch.rand(b, 3, c.image_size, c.image_size, device=device) * 2 - 1,), c.grid ** 2
+        frames = torch.rand(b, 3, c.image_size, c.image_size, device=device) * 2 - 1
+        return vae.Tokenizer(c), {"frames": frames}, c.grid ** 2
     if name == "lam":
         c, t = lam.PRESETS[preset], train_genie.DEFAULTS[preset]["lam_seq_len"]
         frames = torch.rand(b, t, 3, c.image_size, c.image_size, device=device) * 2 - 1
-        return lam.LatentActionModel(c), (frames,), t * c.grid ** 2
+        return lam.LatentActionModel(c), {"frames": frames}, t * c.grid ** 2
     c = dynamics.PRESETS[preset]
     tokens = torch.randint(c.vocab_size, (b, c.context, c.rows, c.cols), device=device)
     actions = torch.randint(c.num_actions, (b, c.context - 1), device=device)
-    return dynamics.Dynamics(c), (tokens, actions), c.context * c.rows * c.cols
+    return dynamics.Dynamics(c), {"tokens": tokens, "actions": actions}, c.context * c.rows * c.cols
+
+
+def forward(net, batch, step):
+    """The loss of a training_inputs batch, as train_loop's loss_fn."""
+    return net(*batch.values())
 
 
 def peak_tflops(args, device):
@@ -189,15 +203,17 @@ def bench_train(args, device):
     if args.preset not in defaults:
         raise UserError(f"{args.model} has no preset {args.preset!r}; presets: {', '.join(defaults)}")
     batch_size = args.batch_size or defaults[args.preset]["batch_size"]
-    model, inputs, tokens = training_inputs(args.model, args.preset, batch_size, device)
+    model, batch, tokens = training_inputs(args.model, args.preset, batch_size, device)
     model = model.to(device).train()
+    if args.checkpoint_blocks:
+        checkpoint_blocks(model)
     compiled = use_compile(args, device)
     if compiled:
         compile_blocks(model)
     optimizer = make_optimizer(model, 1e-4)
 
     def step():  # train_loop's step, without the data loader and the logging
-        train_step(model, model, optimizer, lambda net, batch, step: net(*batch), inputs, 0, device)
+        train_step(model, model, optimizer, forward, batch, 0, device)
 
     for _ in range(args.warmup):
         step()
@@ -216,13 +232,13 @@ def bench_train(args, device):
     seconds = statistics.median(times)
     peak = peak_tflops(args, device)
     result = {"model": args.model, "preset": args.preset, "device": str(device), "compile": compiled,
-              "params": sum(p.numel() for p in model.parameters()), "batch_size": batch_size,
+              "checkpoint_blocks": args.checkpoint_blocks, "params": sum(p.numel() for p in model.parameters()), "batch_size": batch_size,
               "step_ms": 1000 * seconds, "samples_per_s": batch_size / seconds,
               "tokens_per_s": batch_size * tokens / seconds, "flops_per_step": flops,
               "achieved_tflops": flops / seconds / 1e12, "peak_tflops": peak,
               "mfu": flops / seconds / (peak * 1e12) if peak else None, "host_syncs_per_step": syncs}
     print(f"train {args.model} {args.preset} ({result['params'] / 1e6:.1f}M parameters) on {device}, batch "
-          f"{batch_size}{', compiled' if compiled else ''}")
+          f"{batch_size}{', compiled' if compiled else ''}{', activation checkpointing' if args.checkpoint_blocks else ''}")
     print(f"  step {result['step_ms']:.1f} ms, {result['samples_per_s']:.1f} samples/s, "
           f"{result['tokens_per_s']:.0f} tokens/s, {flops / 1e9:.1f} GFLOP per step (forward + backward), "
           f"{result['achieved_tflops']:.3f} TFLOP/s, MFU "
@@ -244,6 +260,31 @@ def host_syncs(step):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def bench_memory(args, device):
+    defaults = {"vae2": train_vae.DEFAULTS, "dit": train_dit.DEFAULTS}.get(args.model, train_genie.DEFAULTS)
+    if args.preset not in defaults:
+        raise UserError(f"{args.model} has no preset {args.preset!r}; presets: {', '.join(defaults)}")
+    batch_size = args.batch_size or defaults[args.preset]["batch_size"]
+    if args.micro_batch and batch_size % args.micro_batch:
+        raise UserError(f"--micro_batch {args.micro_batch} must divide --batch_size {batch_size}")
+
+    budget = memory.BUDGET_FRACTION * args.gpu_memory * memory.GB
+    found = memory.plan(lambda m: training_inputs(args.model, args.preset, m, "cpu")[:2], forward, batch_size, budget,
+                        args.micro_batch, args.checkpoint_blocks, ema=args.model == "dit")
+    parts = {k: v / memory.GB for k, v in found["estimate"].items()}
+    result = {"model": args.model, "preset": args.preset, "batch_size": batch_size, "gpu_memory_gb": args.gpu_memory,
+              "budget_gb": budget / memory.GB, "fits": found["fits"], "micro_batch": found["micro_batch"],
+              "checkpoint_blocks": found["checkpoint_blocks"], "peak_gb": parts.pop("peak"),
+              **{f"{k}_gb": v for k, v in parts.items()}}
+    print(f"train {args.model} {args.preset}, batch {batch_size} on a {args.gpu_memory:g} GB GPU (plans fill at most "
+          f"{result['budget_gb']:.1f} GB): micro-batch {result['micro_batch']}, activation checkpointing "
+          f"{'on' if result['checkpoint_blocks'] else 'off'}, estimated peak {result['peak_gb']:.2f} GB"
+          + ("" if result["fits"] else " -- does NOT fit"))
+    for key in ("weights", "gradients", "optimizer", "ema", "activations"):
+        print(f"  {key:12s} {result[key + '_gb']:8.2f} GB")
+    return result
 
 
 def bench_play(args, device):
@@ -287,7 +328,18 @@ def main():
     p.add_argument("--warmup", type=positive(int), default=2, help="untimed steps first (default 2)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
     add_compile_flag(p)
+    p.add_argument("--checkpoint_blocks", action="store_true",
+                   help="activation checkpointing per block, as training.py plans it (its recompute is counted)")
     p.add_argument("--peak_tflops", type=positive(float), help="the device's peak, for MFU (A100/H100 known)")
+    p = sub.add_parser("memory", help="estimated peak GPU memory of one training step (no GPU needed) and the "
+                                      "micro-batch and activation checkpointing that fit a card")
+    p.add_argument("--model", default="dit", choices=MODELS, help="which model (default dit)")
+    p.add_argument("--preset", default="default", help="model size (default: default)")
+    p.add_argument("--batch_size", type=positive(int), help="default: the training script's for that preset")
+    p.add_argument("--gpu_memory", type=positive(float), default=80, metavar="GB", help="the card (default 80)")
+    p.add_argument("--micro_batch", type=positive(int), help="fix the micro-batch (default: planned)")
+    p.add_argument("--checkpoint_blocks", action=argparse.BooleanOptionalAction,
+                   help="fix activation checkpointing on or off (default: planned)")
     p = sub.add_parser("play", help="Genie play steps/s (MaskGIT decoding of the next frame + pixel decode)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "default"], help="model sizes (default tiny)")
     p.add_argument("--maskgit_steps", type=positive(int), default=8, help="decoding steps per frame (default 8)")
@@ -309,7 +361,8 @@ def main():
     args = parser.parse_args()
     device = get_device(args.device)
     torch.manual_seed(0)
-    result = {"train": bench_train, "play": bench_play, "generate": bench_generate}[args.command](args, device)
+    result = {"train": bench_train, "play": bench_play, "generate": bench_generate,
+              "memory": bench_memory}[args.command](args, device)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
         print(f"wrote {args.json}")

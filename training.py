@@ -18,8 +18,10 @@ Why the pieces look as they do:
 """
 import argparse
 import atexit
+import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -35,16 +37,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 from tqdm import tqdm
 
+import memory
 from utils import TrainingFailed, UserError, WandbLog, atomic_path, atomic_write_text, autocast, first_line, \
     positive, save_model, seed_everything
 
 # train_loop's own flags that change where and how a run is watched, not its result: they may differ between a run
 # and its resumption. Each script adds its own such flags (train_loop's `unchanged`).
 WATCH_FLAGS = {"device", "compile", "num_workers", "log_every", "wandb", "save_every", "keep", "resume", "fresh",
-               "max_bad_steps"}
+               "max_bad_steps", "micro_batch", "checkpoint_blocks", "gpu_memory"}
 # A testing aid, not a flag: the steps (comma-separated) whose loss is made NaN, to see the non-finite guard at work.
 POISON_STEPS_VARIABLE = "GAMEWORLD_POISON_STEPS"
 
@@ -72,6 +76,18 @@ def add_training_flags(parser):
     parser.add_argument("--max_bad_steps", type=positive(int), default=20,
                         help="non-finite losses or gradients in a row before training stops (each is skipped; "
                              "default 20)")
+    parser.add_argument("--micro_batch", type=positive(int),
+                        help="samples per forward and backward pass: each process's share of --batch_size is run in "
+                             "micro-batches of this size whose gradients add up, the same update with less memory "
+                             "(default: on CUDA, the largest that fits the GPU by memory.py's estimate; elsewhere "
+                             "the whole share)")
+    parser.add_argument("--checkpoint_blocks", action=argparse.BooleanOptionalAction,
+                        help="activation checkpointing: each transformer block recomputes its forward in backward "
+                             "instead of keeping its activations (about a third more compute; default: on CUDA only "
+                             "when no micro-batch fits without it)")
+    parser.add_argument("--gpu_memory", type=positive(float), metavar="GB",
+                        help="plan --micro_batch and --checkpoint_blocks for a GPU of this many GB instead of the "
+                             "device's own free memory; on a machine without one, a dry run of the fit")
 
 
 def add_compile_flag(parser):
@@ -94,6 +110,15 @@ def compile_blocks(model):
             child.compile()
         else:
             compile_blocks(child)
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing, in place, for every block of every nn.ModuleList (the transformer blocks): a block
+    keeps only its input for backward and runs its forward again there, trading about a third more compute for the
+    activations inside it. Parameters and their names are untouched, so saved models do not change."""
+    for blocks in (m for m in model.modules() if isinstance(m, nn.ModuleList)):
+        for block in blocks:
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -301,24 +326,37 @@ def update_ema(ema, model, weight):
 
 
 def train_step(net, model, optimizer, loss_fn, batch, step, device, ema=None, ema_decay=None, poisoned=False,
-               stop=False):
+               stop=False, micro_batches=1, precision=None):
     """One optimisation step that never makes the host wait for the device -> (loss, grad_norm, logs, flags).
 
-    Forward under bf16 autocast on CUDA, backward, gradient clipping at 1, AdamW, EMA. flags (2,) float on the device:
-    [the loss or the gradient was not finite, some process asked to stop (stop is this one's answer)], the maximum
-    over processes under torchrun. A non-finite step is skipped on the device: the fused AdamW leaves weights, moments
-    and its step count alone when its found_inf is 1, and the EMA moves by 0 (a non-fused AdamW, as on CPU, is
-    skipped by the host, for which the flag is at hand). The host reads the flags later (train_loop, one step
-    behind), so it keeps queueing work while the device computes. poisoned makes the loss NaN (a test's fault).
+    The batch is cut into micro_batches equal micro-batches, each run forward (under `precision`, by default bf16
+    autocast on CUDA) and backward with its loss divided by their number: the gradients add up to those of the
+    whole batch's mean loss, so the update does not depend on the cut (terms computed over a batch, such as the
+    LAM's code usage, are then computed per micro-batch). Under DDP only the last backward averages the gradients
+    over processes. Then gradient clipping at 1, AdamW, EMA. flags (2,) float on the device: [the loss or the
+    gradient was not finite, some process asked to stop (stop is this one's answer)], the maximum over processes
+    under torchrun. A non-finite step is skipped on the device: the fused AdamW leaves weights, moments and its step
+    count alone when its found_inf is 1, and the EMA moves by 0 (a non-fused AdamW, as on CPU, is skipped by the
+    host, for which the flag is at hand). The host reads the flags later (train_loop, one step behind), so it keeps
+    queueing work while the device computes. poisoned makes the loss NaN (a test's fault).
     """
-    with autocast(device):
-        loss, logs = loss_fn(net, batch, step)
-    if poisoned:
-        loss = loss * float("nan")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses, logs = [], []
+    for k, micro in enumerate(zip(*(v.chunk(micro_batches) for v in batch.values()))):
+        last = k == micro_batches - 1
+        with (contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()), \
+                (precision or (lambda: autocast(device)))():
+            loss, micro_logs = loss_fn(net, dict(zip(batch, micro)), step)
+        if poisoned:
+            loss = loss * float("nan")
+        (loss / micro_batches).backward()
+        losses.append(loss.detach())
+        logs.append(micro_logs)
+    loss = torch.stack(losses).mean()
+    logs = {key: torch.stack([l[key] for l in logs]).mean(0) if torch.is_tensor(value) else value
+            for key, value in logs[-1].items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    flags = torch.stack([~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)),
+    flags = torch.stack([~(torch.isfinite(loss) & torch.isfinite(grad_norm)),
                          torch.full((), stop, device=device)]).float()  # full: a fill kernel, no copy from the host
     all_reduce_max(flags)
     if optimizer.defaults["fused"]:
@@ -328,7 +366,7 @@ def train_step(net, model, optimizer, loss_fn, batch, step, device, ema=None, em
         optimizer.step()
     if ema is not None:
         update_ema(ema, model, (1 - ema_decay) * (1 - flags[0]))
-    return loss.detach(), grad_norm, logs, flags
+    return loss, grad_norm, logs, flags
 
 
 def copy_to_host(tensor):
@@ -373,6 +411,36 @@ def poison_steps():
         return {int(s) for s in text.split(",") if s}
     except ValueError:
         raise UserError(f"{POISON_STEPS_VARIABLE} takes step numbers separated by commas, not {text!r}") from None
+
+
+def step_settings(model, loss_fn, dataset, args, device, world, name, ema):
+    """-> (micro-batches per step, activation checkpointing) for this process's share of the batch. With a memory
+    budget (a CUDA device's free memory or --gpu_memory, 95 % of it) they are planned by memory.plan from the
+    estimated peak of the step (what the flags leave open); without one, they are what the flags say."""
+    share = args.batch_size // world
+    if args.micro_batch and share % args.micro_batch:
+        raise UserError(f"--micro_batch {args.micro_batch} must divide each process's batch of {share} samples "
+                        f"(--batch_size {args.batch_size} over {world} process{'es' if world > 1 else ''})")
+    card = args.gpu_memory * memory.GB if args.gpu_memory else None
+    if card is None and device.type == "cuda":
+        free, card = torch.cuda.mem_get_info(device)
+    if card is None:
+        return share // (args.micro_batch or share), bool(args.checkpoint_blocks)
+    budget = memory.BUDGET_FRACTION * card if args.gpu_memory else min(memory.BUDGET_FRACTION * card, free)
+    sample = dataset[0]
+    found = memory.plan(lambda m: (type(model)(model.config), memory.fake_batch(sample, m)), loss_fn, share, budget,
+                        args.micro_batch, args.checkpoint_blocks, ema, device if device.type == "cuda" else "cpu")
+    peak = found["estimate"]["peak"] / memory.GB
+    if not found["fits"]:
+        raise UserError(f"{name}: a step of {share} samples per process needs an estimated {peak:.3g} GB even at "
+                        f"micro-batch {found['micro_batch']} with activation checkpointing "
+                        f"{'on' if found['checkpoint_blocks'] else 'off'}, more than the {budget / memory.GB:.3g} GB "
+                        f"a {card / memory.GB:.3g} GB GPU leaves; lower --batch_size or train on more GPUs")
+    if distributed()[0] == 0:
+        print(f"{name}: micro-batch {found['micro_batch']} of {share} samples, activation checkpointing "
+              f"{'on' if found['checkpoint_blocks'] else 'off'}: estimated peak {peak:.3g} GB of "
+              f"{budget / memory.GB:.3g} GB")
+    return share // found["micro_batch"], found["checkpoint_blocks"]
 
 
 def check_batch_size(args, dataset, world, name):
@@ -454,7 +522,7 @@ def log(run, loss, logs, started, bar, on_log):
         run.model.train()
 
 
-def run_steps(run, net, loss_fn, data, args, device, on_log):
+def run_steps(run, net, loss_fn, data, args, device, on_log, micro_batches):
     """Steps run.step + 1 .. args.steps; on SIGTERM or Ctrl-C a training state is saved and the process exits with
     128 + the signal's number (every process at the same step, through the stop flag)."""
     poisoned, first = poison_steps(), run.step + 1
@@ -470,7 +538,7 @@ def run_steps(run, net, loss_fn, data, args, device, on_log):
         for step in bar:
             loss, grad_norm, logs, flags = train_step(net, run.model, run.optimizer, loss_fn, next(data), step, device,
                                                       run.ema, run.ema_decay, poisoned=step in poisoned,
-                                                      stop=bool(signals))
+                                                      stop=bool(signals), micro_batches=micro_batches)
             run.schedule.step()
             run.step = step
             unread.append((step, loss, grad_norm, copy_to_host(flags)))
@@ -523,6 +591,7 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     """
     rank, world = distributed()
     check_batch_size(args, dataset, world, name)
+    micro_batches, checkpoint = step_settings(model, loss_fn, dataset, args, device, world, name, bool(ema_decay))
     identity = run_identity(name, model, args, unchanged)
     states = states_folder(folder)
     resume = resume_path(args, folder)
@@ -543,12 +612,14 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     if world > 1:  # starts by broadcasting rank 0's parameters and buffers
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
+    if checkpoint:
+        checkpoint_blocks(model)
     if use_compile(args, device):
         compile_blocks(model)
 
     start = run.step
-    seconds = run_steps(run, net, loss_fn, batches(dataset, args, device, start, rank, world), args, device, on_log) \
-        if start < args.steps else 0
+    seconds = run_steps(run, net, loss_fn, batches(dataset, args, device, start, rank, world), args, device, on_log,
+                        micro_batches) if start < args.steps else 0
     if start == args.steps and run.main:
         print(f"{name}: already trained for {args.steps} steps ({resume}); writing {folder} again")
     run.wandb.finish()

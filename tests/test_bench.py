@@ -1,4 +1,5 @@
-"""bench.py train and play: every model's training step is timed and its FLOPs counted, and the Genie world plays."""
+"""bench.py train, play and memory: every model's training step is timed and its FLOPs counted, the Genie world plays,
+and a step's memory is estimated and planned for a card."""
 import json
 
 import pytest
@@ -36,3 +37,26 @@ def test_bench_play_reports_steps_per_second(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "play.json").read_text())
     assert figures["steps_per_s"] > 0 and figures["maskgit_steps"] == 8 and figures["compile"]
+
+
+def test_bench_train_counts_the_recompute_of_activation_checkpointing(tmp_path):
+    flops = {}
+    for flag in ([], ["--checkpoint_blocks"]):
+        result = run("bench.py", "train", "--model", "dit", "--preset", "tiny", "--batch_size", 2, "--steps", 1,
+                     "--warmup", 1, "--runs", 1, "--json", tmp_path / "train.json", *flag)
+        assert result.returncode == 0, result.stderr[-3000:]
+        figures = json.loads((tmp_path / "train.json").read_text())
+        flops[bool(flag)] = figures["flops_per_step"]
+    # the blocks' forward runs twice: a third more than forward + backward (3 forwards' worth), a little less in all
+    assert 1.2 < flops[True] / flops[False] < 1.34
+
+
+def test_bench_memory_plans_a_card(tmp_path):
+    result = run("bench.py", "memory", "--model", "lam", "--preset", "tiny", "--gpu_memory", 0.1, "--json",
+                 tmp_path / "memory.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "memory.json").read_text())
+    assert figures["gpu_memory_gb"] == 0.1 and figures["fits"] and figures["peak_gb"] <= 0.095
+    assert figures["micro_batch"] == 8 and figures["checkpoint_blocks"] is False  # 16 at once would not fit
+    assert figures["peak_gb"] == pytest.approx(sum(figures[f"{k}_gb"] for k in (
+        "weights", "gradients", "optimizer", "ema", "activations")))

@@ -24,13 +24,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(coinrun, tmp
     # lr 3e-4, what TOLERANCE was measured at: the tiny tokenizer's default 2e-3 scales the rounding differences up
     args = ["train_genie.py", "--phase", "tokenizer", "--preset", "tiny", "--steps", 6, "--lr", 3e-4, "--data", coinrun,
             "--num_workers", 0, "--log_every", 3]
-    result = torchrun(*args, "--batch_size", 8, "--out", tmp_path / "two")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "tokenizer: weights identical in all 2 processes" in result.stdout
+    for name, micro in (("two", []), ("two_micro", ["--micro_batch", 2])):  # micro-batches: DDP syncs the last only
+        result = torchrun(*args, "--batch_size", 8, "--out", tmp_path / name, *micro)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "tokenizer: weights identical in all 2 processes" in result.stdout
     for batch, name in ((8, "one"), (4, "half")):
         result = run(*args, "--batch_size", batch, "--out", tmp_path / name)
         assert result.returncode == 0, result.stderr[-3000:]
     assert largest_difference(tmp_path / "two" / "tokenizer", tmp_path / "one" / "tokenizer") < TOLERANCE
+    assert largest_difference(tmp_path / "two_micro" / "tokenizer", tmp_path / "one" / "tokenizer") < TOLERANCE
     # each process read its own half of the batch: one process reading half of it lands elsewhere
     assert largest_difference(tmp_path / "two" / "tokenizer", tmp_path / "half" / "tokenizer") > 50 * TOLERANCE  # measured 1.9e-3
 

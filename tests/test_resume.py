@@ -1,6 +1,7 @@
 """Training survives being killed: every training script, run as a real subprocess, is killed with SIGKILL at a random
 moment after its first training state and with SIGTERM (which saves before exiting), rerun with the same command, and
-must end with the same weights, byte for byte, as an uninterrupted run. Then the faults: damaged or foreign training
+must end with the same weights, byte for byte, as an uninterrupted run (the DiT with activation checkpointing, the
+Genie phases with two micro-batches per step). Then the faults: damaged or foreign training
 states, a corrupt config.json, a truncated frame store, non-finite losses and a full disk."""
 import hashlib
 import os
@@ -30,10 +31,10 @@ def command(kind, data, out):
     if kind == "dit":
         return (["train_dit.py", data["latents"], "--vae", data["vae"], "--preset", "tiny", "--seq_len", 6,
                  "--batch_size", 2, "--out", out / "dit", "--samples", out / "sample.mp4", "--sample_every", 8,
-                 "--self_forcing_p", 0.5, "--num_workers", 0, *common], [out / "dit"])
+                 "--self_forcing_p", 0.5, "--checkpoint_blocks", "--num_workers", 0, *common], [out / "dit"])
     phases = ["tokenizer", "lam", "dynamics"]
-    return (["train_genie.py", "--phase", "all", "--preset", "tiny", "--batch_size", 4, "--data", data["coinrun"],
-             "--out", out, "--num_workers", 1, *common], [out / p for p in phases])
+    return (["train_genie.py", "--phase", "all", "--preset", "tiny", "--batch_size", 4, "--micro_batch", 2, "--data",
+             data["coinrun"], "--out", out, "--num_workers", 1, *common], [out / p for p in phases])
 
 
 @pytest.fixture(scope="module")
