@@ -86,7 +86,8 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         # The VQ's dead_after counts steps; 0 (off) becomes "never", a count no run reaches.
         self.vq = VectorQuantizer(c.num_actions, c.code_dim, c.commitment, c.dead_after or 2 ** 62)
         self.dec_embed = nn.Linear(pixels, c.dim)
-        self.mask_token = nn.Parameter(0.02 * torch.randn(c.dim))
+        # Without a context mask nothing uses the mask token: frozen, so DDP does not wait for its gradient.
+        self.mask_token = nn.Parameter(0.02 * torch.randn(c.dim), requires_grad=c.context_mask > 0)
         self.action_embed = nn.Linear(c.code_dim, c.dim)
         self.decoder = STTransformer(c.dim, c.depth, c.heads, g, g)
         self.to_pixels = nn.Linear(c.dim, pixels)

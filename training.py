@@ -51,6 +51,8 @@ WATCH_FLAGS = {"device", "compile", "num_workers", "log_every", "wandb", "save_e
                "max_bad_steps", "micro_batch", "checkpoint_blocks", "gpu_memory"}
 # A testing aid, not a flag: the steps (comma-separated) whose loss is made NaN, to see the non-finite guard at work.
 POISON_STEPS_VARIABLE = "GAMEWORLD_POISON_STEPS"
+# Another: RANK:STEP, that process of a torchrun launch fails with an exception at that step, to see the launch end.
+CRASH_VARIABLE = "GAMEWORLD_CRASH"
 
 
 # ----------------------------------------------------------------------------- flags
@@ -526,6 +528,7 @@ def run_steps(run, net, loss_fn, data, args, device, on_log, micro_batches):
     """Steps run.step + 1 .. args.steps; on SIGTERM or Ctrl-C a training state is saved and the process exits with
     128 + the signal's number (every process at the same step, through the stop flag)."""
     poisoned, first = poison_steps(), run.step + 1
+    crash = os.environ.get(CRASH_VARIABLE, "")
     signals = []  # the signal that asked us to stop, once it came
     unread = []  # (step, loss, gradient norm, read() of its flags) of steps whose flags the host has not read yet
     handlers = {s: signal.signal(s, lambda number, frame: signals.append(number))
@@ -536,6 +539,8 @@ def run_steps(run, net, loss_fn, data, args, device, on_log, micro_batches):
         bar = tqdm(range(run.step + 1, args.steps + 1), desc=run.name, initial=run.step, total=args.steps,
                    disable=not run.main)
         for step in bar:
+            if crash == f"{run.rank}:{step}":
+                raise RuntimeError(f"{CRASH_VARIABLE}: process {run.rank} fails at step {step}")
             loss, grad_norm, logs, flags = train_step(net, run.model, run.optimizer, loss_fn, next(data), step, device,
                                                       run.ema, run.ema_decay, poisoned=step in poisoned,
                                                       stop=bool(signals), micro_batches=micro_batches)
@@ -559,6 +564,10 @@ def run_steps(run, net, loss_fn, data, args, device, on_log, micro_batches):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        # Ends the DataLoader's workers now, whatever ended the loop. An exception's traceback would otherwise keep the
+        # loader alive until exit, where multiprocessing stops its workers with SIGTERM, which they ignore
+        # (leave_signals_to_main): the process, and with it a torchrun launch, would hang.
+        data.close()
     return time.time() - started
 
 

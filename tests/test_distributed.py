@@ -1,18 +1,22 @@
 """Training under torchrun: two CPU processes (gloo) must end with identical weights, and with the weights of one
 process reading the same global batch, within float round-off."""
+import os
 import subprocess
 import sys
+import time
 
 from safetensors.torch import load_file
 
 from conftest import ROOT, run
+from training import CRASH_VARIABLE
 
 TOLERANCE = 2e-5  # largest |difference| of any weight after 6 AdamW steps; measured 1.2e-6
 
 
-def torchrun(*args):
+def torchrun(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def largest_difference(a, b):
@@ -53,3 +57,16 @@ def test_every_model_trains_under_torchrun(coinrun, diffusion_data, tmp_path):
     # torchrun reports a worker's exit code 2 as its own failure (1); the worker's line says why
     assert result.returncode != 0 and "error: --batch_size 3 is the global batch and must divide among 2 processes" \
         in result.stderr
+
+
+def test_a_frozen_parameter_trains_and_a_failing_process_ends_the_launch(coinrun, tmp_path):
+    # without a context mask the LAM's mask token is unused: DDP must not wait for its gradient (it failed at step 2)
+    common = ["train_genie.py", "--phase", "lam", "--preset", "tiny", "--batch_size", 4, "--data", coinrun,
+              "--num_workers", 2]  # DataLoader workers: what once kept a failed process from exiting
+    result = torchrun(*common, "--steps", 4, "--set", "lam.context_mask=0", "--out", tmp_path / "no_mask")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lam: weights identical in all 2 processes" in result.stdout
+    started = time.time()
+    result = torchrun(*common, "--steps", 20, "--out", tmp_path / "crash", env={CRASH_VARIABLE: "1:3"}, timeout=120)
+    assert result.returncode != 0 and f"{CRASH_VARIABLE}: process 1 fails at step 3" in result.stderr
+    assert time.time() - started < 60  # measured 6 s; it hung until killed before
