@@ -160,8 +160,10 @@ class Sampler:
         noised = (1 - self.context_t) * self.noise(frames) + self.context_t * frames
         self.past = noised if self.past is None else torch.cat([self.past, noised], dim=1)[:, -self.window:]
         for i in range(noised.shape[1] if self.cached else 0):
-            # contiguous: a step's strides, so that a compiled step serves both
-            self.model.velocity(noised[:, i:i + 1].contiguous(), self.times(self.context_t, 1), self.cache)
+            # a copy with a step's strides, whatever the number of frames (a slice's stride along B is F times a
+            # step's, and .contiguous() keeps it at B = 1), so one compiled step serves both without recompiling
+            frame = noised[:, i:i + 1].clone(memory_format=torch.contiguous_format)
+            self.model.velocity(frame, self.times(self.context_t, 1), self.cache)
             self.cache.commit()
 
     @torch.no_grad()

@@ -124,6 +124,7 @@ class Sampler:
         self.model, self.steps, self.temperature, self.cached = model, steps, temperature, cached
         self.window = model.config.context - 1
         self.cache = self.context = self.conditions = None
+        self.holder = None  # of the worlds sharing this sampler, the one whose context it holds (play.GenieWorld)
 
     @torch.no_grad()
     def start(self, tokens, actions=None):
@@ -140,7 +141,10 @@ class Sampler:
             self.cache = model.transformer.new_cache(b, self.window, tokens.device, reuse=self.cache)
             cond = model.action_embed(conditions)
             for i in range(t):  # all of them, so that each frame's keys saw the frames before it
-                model.hidden(tokens[:, i:i + 1], cond[:, i:i + 1], self.cache)
+                # copies with a step's strides, whatever the context's length (a slice's stride along B is T times a
+                # step's, and .contiguous() keeps it at B = 1), so one compiled step serves all without recompiling
+                model.hidden(*(x[:, i:i + 1].clone(memory_format=torch.contiguous_format) for x in (tokens, cond)),
+                             self.cache)
                 self.cache.commit()
         return self
 

@@ -46,13 +46,12 @@ class GenieWorld:
     num_actions, and `meaning` (read_meaning: what each latent action does, or None). Any world model that offers these
     plugs into the terminal and web front ends. Runs in bf16 on CUDA."""
 
-    def __init__(self, tokenizer, dynamics, maskgit_steps=8, temperature=0.0, seed=0, meaning=None):
+    def __init__(self, tokenizer, dynamics, maskgit_steps=8, temperature=0.0, seed=0, meaning=None, sampler=None):
         self.tokenizer, self.dynamics, self.meaning = tokenizer, dynamics, meaning
         self.device = next(dynamics.parameters()).device
         self.num_actions = dynamics.config.num_actions
-        self.maskgit_steps, self.temperature = maskgit_steps, temperature
         self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.sampler = Sampler(dynamics, maskgit_steps, temperature)
+        self.sampler = sampler or Sampler(dynamics, maskgit_steps, temperature)
         self.tokens, self.actions = [], []  # the trajectory so far, for undo
 
     @classmethod
@@ -68,8 +67,18 @@ class GenieWorld:
         self.tokenizer.decode = compile_step(self.tokenizer.decode, self.device)
 
     def spawn(self, seed):
-        """Another world on the same models (one per browser session)."""
-        return GenieWorld(self.tokenizer, self.dynamics, self.maskgit_steps, self.temperature, seed, self.meaning)
+        """Another world on the same models (one per browser session), sharing this one's sampler: one KV cache for
+        all of them, so a compiled step sees the same tensors whichever world steps. The sampler holds one world's
+        context at a time (`sampler.holder`); a world that finds another's there starts it again from its own frames."""
+        return GenieWorld(self.tokenizer, self.dynamics, seed=seed, meaning=self.meaning, sampler=self.sampler)
+
+    def start_sampler(self):
+        """The sampler continues from this world's last context - 1 frames and the actions between them."""
+        frames = self.tokens[-(self.dynamics.config.context - 1):]
+        actions = self.actions[len(self.actions) - (len(frames) - 1):]
+        actions = torch.stack(actions, 1) if actions else frames[0].new_zeros(len(frames[0]), 0)
+        self.sampler.start(torch.stack(frames, 1), actions)
+        self.sampler.holder = self
 
     @torch.no_grad()
     def reset(self, frames):
@@ -77,7 +86,7 @@ class GenieWorld:
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
         with autocast(self.device):
             self.tokens, self.actions = [self.tokenizer.encode(x)], []  # [(B, rows, cols)]
-            self.sampler.start(self.tokens[0][:, None])
+            self.start_sampler()
             return to_uint8(self.tokenizer.decode(self.tokens[0]))
 
     @torch.no_grad()
@@ -85,6 +94,8 @@ class GenieWorld:
         """Advance every world by one latent action, actions (B,) ints; returns the new frames."""
         actions = torch.as_tensor(actions, device=self.device).long().view(-1)
         with autocast(self.device):
+            if self.sampler.holder is not self:
+                self.start_sampler()
             tokens = self.sampler.step(actions, self.generator)
             self.tokens.append(tokens)
             self.actions.append(actions)
@@ -96,11 +107,8 @@ class GenieWorld:
         if len(self.tokens) > 1:
             self.tokens.pop()
             self.actions.pop()
-        frames = self.tokens[-(self.dynamics.config.context - 1):]
-        actions = self.actions[len(self.actions) - (len(frames) - 1):]
-        actions = torch.stack(actions, 1) if actions else frames[0].new_zeros(len(frames[0]), 0)
         with autocast(self.device):
-            self.sampler.start(torch.stack(frames, 1), actions)
+            self.start_sampler()
             return to_uint8(self.tokenizer.decode(self.tokens[-1]))
 
 
