@@ -1,4 +1,4 @@
-# Two commands: `make test` and `make demo`. Each builds .venv first when it is missing or older
+# Three commands: `make test`, `make demo` and, on a CUDA GPU, `make gpu-check`. Each builds .venv first when it is missing or older
 # than the requirements files.
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_FRAMES ?= 100000
 DEMO_WIDE_FRAMES ?= 4000
 
-.PHONY: test demo
+.PHONY: test demo gpu-check
 
 $(VENV)/installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,3 +51,21 @@ demo: $(VENV)/installed videos/coinrun/meta.json videos/coinrun_wide/meta.json
 	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --num_frames 24 --side_by_side \
 		--output results/generated.mp4
 	$(PY) bench.py generate --preset tiny --json results/bench_generate_tiny.json
+
+# On a rented CUDA GPU, first: the CUDA tests (memory of every default preset against its estimate, compiled = eager,
+# CUDA graphs never re-recorded, kill-and-resume) and bench.py at the default presets; every figure goes to
+# results/gpu_check.json. About 8 minutes on one H100.
+GPU_FIGURES := results/gpu_check
+gpu-check: $(VENV)/installed
+	rm -rf $(GPU_FIGURES) && mkdir -p $(GPU_FIGURES)
+	GAMEWORLD_GPU_FIGURES=$(GPU_FIGURES) $(PY) -m pytest -q -rs tests/test_gpu.py
+	for m in dit vae2 tokenizer lam dynamics; do \
+		$(PY) bench.py train --model $$m --preset default --runs 2 --json $(GPU_FIGURES)/train_$$m.json || exit 1; done
+	$(PY) bench.py generate --preset default --json $(GPU_FIGURES)/generate.json
+	$(PY) bench.py generate --preset default --compile --json $(GPU_FIGURES)/generate_compiled.json
+	$(PY) bench.py play --preset default --steps 200 --json $(GPU_FIGURES)/play.json
+	$(PY) bench.py play --preset default --steps 200 --compile --json $(GPU_FIGURES)/play_compiled.json
+	$(PY) -c 'import json, pathlib; figures = {p.stem: json.loads(p.read_text()) for p in \
+		sorted(pathlib.Path("$(GPU_FIGURES)").glob("*.json"))}; \
+		pathlib.Path("results/gpu_check.json").write_text(json.dumps(figures, indent=1))'
+	@echo "wrote results/gpu_check.json"

@@ -6,6 +6,7 @@
   python bench.py generate --preset default --frames 1 --runs 1             # CPU, about 5 minutes
   python bench.py play --preset tiny                                        # Genie play steps/s
   python bench.py memory --model dit --gpu_memory 40                        # no GPU needed, seconds
+  python bench.py data videos/coinrun_wide_latents --model dit              # will the loader keep a GPU busy?
 
 train: one training step as train_loop runs it (training.train_step: bf16 autocast on CUDA, fp32 on CPU; loss,
 backward, gradient clipping, the finite check, fused AdamW) on random inputs of the model's training shape. Reports
@@ -31,6 +32,10 @@ memory: the estimated peak GPU memory of one training step at the preset and bat
 fake tensors, bf16 as on CUDA), broken into weights, gradients, AdamW moments, EMA and activations, and the
 micro-batch and activation checkpointing that train_loop would choose on a card of --gpu_memory GB.
 
+data: samples/s of the training loader (training.batches, --num_workers processes) reading DATA on this machine, next
+to the samples/s one training step at the preset consumes on a GPU, its time estimated as the step's counted FLOPs
+(forward and backward, as for train) / (--gpu_tflops x --mfu). A loader below the step's rate starves the GPU.
+
 --profile prints torch.profiler's table of one more step or frame: what limits the figure.
 --compile: train compiles the model's blocks as train_loop does (the default on CUDA, --no-compile to time eager);
 generate and play compile the per-step calls as generate.py and play.py do with --compile (CUDA graphs on CUDA).
@@ -46,6 +51,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter
 
 import dit
@@ -57,9 +63,11 @@ import train_genie
 import train_vae
 import vae
 import vae2
+from dataset import LatentStore, WindowDataset, open_store
 from generate import compile_world, decode_frame
 from play import GenieWorld
-from training import add_compile_flag, checkpoint_blocks, compile_blocks, make_optimizer, train_step, use_compile
+from training import DEFAULT_WORKERS, add_compile_flag, batches, checkpoint_blocks, compile_blocks, make_optimizer, \
+    train_step, use_compile
 from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, positive, run_cli
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
@@ -158,6 +166,14 @@ def bench_generate(args, device):
     return result
 
 
+def training_defaults(args):
+    """-> (the training script's hyperparameters at args.preset, the batch size: args.batch_size or the preset's)."""
+    defaults = {"vae2": train_vae.DEFAULTS, "dit": train_dit.DEFAULTS}.get(args.model, train_genie.DEFAULTS)
+    if args.preset not in defaults:
+        raise UserError(f"{args.model} has no preset {args.preset!r}; presets: {', '.join(defaults)}")
+    return defaults[args.preset], args.batch_size or defaults[args.preset]["batch_size"]
+
+
 def training_inputs(name, preset, batch_size, device):
     """A model at the preset and random inputs of its training shape: (model, batch, tokens per sample), the batch a
     dict of the forward's arguments in order (see `forward`)."""
@@ -199,13 +215,18 @@ def peak_tflops(args, device):
 
 
 def bench_train(args, device):
-    defaults = {"vae2": train_vae.DEFAULTS, "dit": train_dit.DEFAULTS}.get(args.model, train_genie.DEFAULTS)
-    if args.preset not in defaults:
-        raise UserError(f"{args.model} has no preset {args.preset!r}; presets: {', '.join(defaults)}")
-    batch_size = args.batch_size or defaults[args.preset]["batch_size"]
+    _, batch_size = training_defaults(args)
+    micro_batch, checkpoint = args.micro_batch or batch_size, args.checkpoint_blocks
+    if batch_size % micro_batch:
+        raise UserError(f"--micro_batch {micro_batch} must divide the batch of {batch_size}")
+    if device.type == "cuda" and not args.micro_batch:  # as train_loop plans it
+        free, total = torch.cuda.mem_get_info(device)
+        found = memory.plan(lambda m: training_inputs(args.model, args.preset, m, None)[:2], forward, batch_size,
+                            min(memory.BUDGET_FRACTION * total, free), checkpoint=checkpoint or None, device="cuda")
+        micro_batch, checkpoint = found["micro_batch"], found["checkpoint_blocks"]
     model, batch, tokens = training_inputs(args.model, args.preset, batch_size, device)
     model = model.to(device).train()
-    if args.checkpoint_blocks:
+    if checkpoint:
         checkpoint_blocks(model)
     compiled = use_compile(args, device)
     if compiled:
@@ -213,7 +234,7 @@ def bench_train(args, device):
     optimizer = make_optimizer(model, 1e-4)
 
     def step():  # train_loop's step, without the data loader and the logging
-        train_step(model, model, optimizer, forward, batch, 0, device)
+        train_step(model, model, optimizer, forward, batch, 0, device, micro_batches=batch_size // micro_batch)
 
     for _ in range(args.warmup):
         step()
@@ -232,13 +253,14 @@ def bench_train(args, device):
     seconds = statistics.median(times)
     peak = peak_tflops(args, device)
     result = {"model": args.model, "preset": args.preset, "device": str(device), "compile": compiled,
-              "checkpoint_blocks": args.checkpoint_blocks, "params": sum(p.numel() for p in model.parameters()), "batch_size": batch_size,
+              "micro_batch": micro_batch, "checkpoint_blocks": checkpoint, "params": sum(p.numel() for p in model.parameters()), "batch_size": batch_size,
               "step_ms": 1000 * seconds, "samples_per_s": batch_size / seconds,
               "tokens_per_s": batch_size * tokens / seconds, "flops_per_step": flops,
               "achieved_tflops": flops / seconds / 1e12, "peak_tflops": peak,
               "mfu": flops / seconds / (peak * 1e12) if peak else None, "host_syncs_per_step": syncs}
     print(f"train {args.model} {args.preset} ({result['params'] / 1e6:.1f}M parameters) on {device}, batch "
-          f"{batch_size}{', compiled' if compiled else ''}{', activation checkpointing' if args.checkpoint_blocks else ''}")
+          f"{batch_size} in micro-batches of {micro_batch}{', compiled' if compiled else ''}"
+          f"{', activation checkpointing' if checkpoint else ''}")
     print(f"  step {result['step_ms']:.1f} ms, {result['samples_per_s']:.1f} samples/s, "
           f"{result['tokens_per_s']:.0f} tokens/s, {flops / 1e9:.1f} GFLOP per step (forward + backward), "
           f"{result['achieved_tflops']:.3f} TFLOP/s, MFU "
@@ -263,10 +285,7 @@ def host_syncs(step):
 
 
 def bench_memory(args, device):
-    defaults = {"vae2": train_vae.DEFAULTS, "dit": train_dit.DEFAULTS}.get(args.model, train_genie.DEFAULTS)
-    if args.preset not in defaults:
-        raise UserError(f"{args.model} has no preset {args.preset!r}; presets: {', '.join(defaults)}")
-    batch_size = args.batch_size or defaults[args.preset]["batch_size"]
+    _, batch_size = training_defaults(args)
     if args.micro_batch and batch_size % args.micro_batch:
         raise UserError(f"--micro_batch {args.micro_batch} must divide --batch_size {batch_size}")
 
@@ -284,6 +303,54 @@ def bench_memory(args, device):
           + ("" if result["fits"] else " -- does NOT fit"))
     for key in ("weights", "gradients", "optimizer", "ema", "activations"):
         print(f"  {key:12s} {result[key + '_gb']:8.2f} GB")
+    return result
+
+
+def step_flops(name, preset, batch_size):
+    """FLOPs of one training step's forward and backward at the preset, counted on fake tensors (no compute)."""
+    with FakeTensorMode(), flop_counter.FlopCounterMode(display=False) as counter:
+        model, batch, _ = training_inputs(name, preset, batch_size, "cpu")
+        loss, _ = forward(model, batch, 0)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def bench_data(args, device):
+    """Samples/s of the training loader (training.batches, as train_loop runs it) against the samples/s a GPU step
+    consumes, its time estimated from the step's FLOPs at --gpu_tflops and --mfu."""
+    defaults, batch_size = training_defaults(args)
+    store = open_store(args.data)
+    if (args.model == "dit") != isinstance(store, LatentStore):
+        raise UserError(f"{args.data}: the {args.model} trains on a {'latent' if args.model == 'dit' else 'frame'} "
+                        f"store")
+    frames = {"dit": lambda: dit.PRESETS[args.preset].seq_len, "lam": lambda: defaults["lam_seq_len"],
+              "dynamics": lambda: dynamics.PRESETS[args.preset].context}.get(args.model, lambda: 1)()
+    dataset = WindowDataset(store, frames)
+    if len(dataset) < batch_size:
+        raise UserError(f"{args.data} has {len(dataset)} training windows of {frames} frames, fewer than a batch")
+    loader = batches(dataset, argparse.Namespace(batch_size=batch_size, seed=0, num_workers=args.num_workers),
+                     torch.device("cpu"), 0, 0, 1)
+    for _ in range(args.warmup):
+        next(loader)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        next(loader)
+    loader_rate = args.steps * batch_size / (time.perf_counter() - started)
+    loader.close()
+    flops = step_flops(args.model, args.preset, batch_size)
+    step_seconds = flops / (args.gpu_tflops * 1e12 * args.mfu)
+    result = {"model": args.model, "preset": args.preset, "data": str(args.data), "batch_size": batch_size,
+              "frames_per_sample": frames, "num_workers": args.num_workers, "loader_samples_per_s": loader_rate,
+              "flops_per_step": flops, "gpu_tflops": args.gpu_tflops, "mfu": args.mfu,
+              "gpu_step_ms": 1000 * step_seconds, "gpu_samples_per_s": batch_size / step_seconds}
+    result["loader_ratio"] = loader_rate / result["gpu_samples_per_s"]
+    print(f"data {args.model} {args.preset} from {args.data}: batch {batch_size} of {frames} frame(s), "
+          f"{args.num_workers} workers")
+    print(f"  loader    {loader_rate:10.1f} samples/s on this machine")
+    print(f"  GPU step  {result['gpu_samples_per_s']:10.1f} samples/s ({flops / 1e12:.2f} TFLOP per step at "
+          f"{args.gpu_tflops:g} TFLOP/s x MFU {args.mfu:g}: {result['gpu_step_ms']:.1f} ms)")
+    print(f"  the loader keeps up with {100 * result['loader_ratio']:.0f} % of that step rate"
+          + ("" if result["loader_ratio"] >= 1 else ": it would starve the GPU (more --num_workers?)"))
     return result
 
 
@@ -328,8 +395,12 @@ def main():
     p.add_argument("--warmup", type=positive(int), default=2, help="untimed steps first (default 2)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
     add_compile_flag(p)
+    p.add_argument("--micro_batch", type=positive(int),
+                   help="samples per forward and backward (default: on CUDA planned as train_loop does, by memory.py "
+                        "from the GPU's free memory; elsewhere the whole batch)")
     p.add_argument("--checkpoint_blocks", action="store_true",
-                   help="activation checkpointing per block, as training.py plans it (its recompute is counted)")
+                   help="activation checkpointing per block (default: on CUDA as planned, elsewhere off); its "
+                        "recompute is counted in the FLOPs and so in the MFU")
     p.add_argument("--peak_tflops", type=positive(float), help="the device's peak, for MFU (A100/H100 known)")
     p = sub.add_parser("memory", help="estimated peak GPU memory of one training step (no GPU needed) and the "
                                       "micro-batch and activation checkpointing that fit a card")
@@ -340,6 +411,18 @@ def main():
     p.add_argument("--micro_batch", type=positive(int), help="fix the micro-batch (default: planned)")
     p.add_argument("--checkpoint_blocks", action=argparse.BooleanOptionalAction,
                    help="fix activation checkpointing on or off (default: planned)")
+    p = sub.add_parser("data", help="the training loader's samples/s against what a GPU step consumes")
+    p.add_argument("data", help="the store the model trains on (a latent store for the DiT, else a frame store)")
+    p.add_argument("--model", default="dit", choices=MODELS, help="which model (default dit)")
+    p.add_argument("--preset", default="default", help="model size (default: default)")
+    p.add_argument("--batch_size", type=positive(int), help="default: the training script's for that preset")
+    p.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS,
+                   help=f"DataLoader worker processes (default {DEFAULT_WORKERS}, as training here)")
+    p.add_argument("--steps", type=positive(int), default=20, help="timed batches (default 20)")
+    p.add_argument("--warmup", type=positive(int), default=3, help="untimed batches first (default 3)")
+    p.add_argument("--gpu_tflops", type=positive(float), default=989,
+                   help="the GPU's bf16 dense peak in TFLOP/s (default 989, an H100 SXM)")
+    p.add_argument("--mfu", type=positive(float), default=0.4, help="the share of it a step reaches (default 0.4)")
     p = sub.add_parser("play", help="Genie play steps/s (MaskGIT decoding of the next frame + pixel decode)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "default"], help="model sizes (default tiny)")
     p.add_argument("--maskgit_steps", type=positive(int), default=8, help="decoding steps per frame (default 8)")
@@ -361,8 +444,8 @@ def main():
     args = parser.parse_args()
     device = get_device(args.device)
     torch.manual_seed(0)
-    result = {"train": bench_train, "play": bench_play, "generate": bench_generate,
-              "memory": bench_memory}[args.command](args, device)
+    result = {"train": bench_train, "play": bench_play, "generate": bench_generate, "memory": bench_memory,
+              "data": bench_data}[args.command](args, device)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
         print(f"wrote {args.json}")

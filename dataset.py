@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, atomic_dir, get_device, load_model, parse_size, positive, run_cli, write_gif, write_mp4
+from utils import UserError, atomic_dir, from_uint8, get_device, load_model, parse_size, positive, run_cli, write_gif, \
+    write_mp4
 from vae2 import ViTVAE
 
 FRAMES, ACTIONS, META, MU, LOGVAR = "frames.u8", "actions.npy", "meta.json", "mu.f16", "logvar.f16"
@@ -93,9 +94,10 @@ class FrameStore(Store):
         return self.memmap(FRAMES, np.uint8, (self.height, self.width, 3))
 
     def window(self, start, length):
-        """{"frames": (T, C, H, W) float in [-1, 1], "actions": (T,) int64 if the store has actions}."""
+        """{"frames": (T, C, H, W) uint8 (utils.from_uint8 makes them floats), "actions": (T,) int64 if the store
+        has actions}."""
         frames = torch.from_numpy(np.array(self.frames[start:start + length]))  # (T, H, W, C) uint8
-        item = {"frames": frames.permute(0, 3, 1, 2).float() / 127.5 - 1}  # (T, C, H, W)
+        item = {"frames": frames.permute(0, 3, 1, 2).contiguous()}  # (T, C, H, W)
         if self.has_actions:
             item["actions"] = torch.from_numpy(np.array(self.actions[start:start + length], dtype=np.int64))
         return item
@@ -281,9 +283,10 @@ class LatentStore(Store):
         return self.memmap(LOGVAR, np.float16, self.latent_shape)
 
     def window(self, start, length):
-        """{"mu", "logvar": (T, N, L) float32, "actions": (T,) int64 if the store has actions}."""
-        item = {"mu": torch.from_numpy(np.array(self.mu[start:start + length], dtype=np.float32)),
-                "logvar": torch.from_numpy(np.array(self.logvar[start:start + length], dtype=np.float32))}
+        """{"mu", "logvar": (T, N, L) float16, as stored (the device makes them float32), "actions": (T,) int64 if
+        the store has actions}."""
+        item = {"mu": torch.from_numpy(np.array(self.mu[start:start + length])),
+                "logvar": torch.from_numpy(np.array(self.logvar[start:start + length]))}
         if self.has_actions:
             item["actions"] = torch.from_numpy(np.array(self.actions[start:start + length], dtype=np.int64))
         return item
@@ -326,7 +329,7 @@ def encode(store, vae_folder, out, device, batch_size=64):
         mu_file = np.memmap(tmp / MU, np.float16, "w+", shape=shape)
         logvar_file = np.memmap(tmp / LOGVAR, np.float16, "w+", shape=shape)
         for start in tqdm(range(0, store.count, batch_size), unit="batch", desc=f"encode {store.path.name}"):
-            frames = store.window(start, batch_size)["frames"].to(device)  # (B, 3, H, W)
+            frames = from_uint8(store.window(start, batch_size)["frames"].to(device))  # (B, 3, H, W)
             mu, logvar = vae.encode(frames)  # (B, N, L) each
             mu_file[start:start + len(mu)] = mu.cpu().numpy().astype(np.float16)
             logvar_file[start:start + len(mu)] = logvar.cpu().numpy().astype(np.float16)
@@ -401,8 +404,8 @@ class WindowDataset(torch.utils.data.Dataset):
     """Windows of `seq_len` consecutive frames that never cross an episode boundary, from a frame or latent store
     (or the path of one).
 
-    Item from a frame store: {"frames": (T, C, H, W) float in [-1, 1], "actions": (T,) int64 (if the store has
-    actions)}; from a latent store: {"mu", "logvar": (T, N, L) float32, "actions"}. actions[k] is the true action
+    Item from a frame store: {"frames": (T, C, H, W) uint8, "actions": (T,) int64 (if the store has actions)}; from
+    a latent store: {"mu", "logvar": (T, N, L) float16, "actions"}. actions[k] is the true action
     taken at frame k, so frames[k] -> frames[k + 1] is caused by actions[k].
     """
 

@@ -59,8 +59,8 @@ import dynamics
 from dataset import FrameStore, WindowDataset, open_frames, require_size, spread_frames
 from generate import load_world
 from lam import LatentActionModel
-from utils import UserError, atomic_path, atomic_write_text, autocast, get_device, load_model, positive, run_cli, \
-    seed_everything
+from utils import UserError, atomic_path, atomic_write_text, autocast, from_uint8, get_device, load_model, positive, \
+    run_cli, seed_everything
 from vae import Tokenizer
 from vae2 import ViTVAE
 
@@ -219,7 +219,7 @@ def lam_codes(action_model, dataset, rng, clips, batch_size, device):
     codes, true = [], []
     for i in range(0, len(picks), batch_size):
         batch = [dataset[int(j)] for j in picks[i:i + batch_size]]
-        frames = torch.stack([b["frames"] for b in batch]).to(device)
+        frames = from_uint8(torch.stack([b["frames"] for b in batch]).to(device))
         codes.append(action_model.encode(frames).flatten(0, 1).float().cpu())
         true.append(torch.stack([b["actions"][:-1] for b in batch]).flatten())
     return torch.cat(codes).numpy(), torch.cat(true).numpy()
@@ -247,7 +247,7 @@ def evaluate_genie(args):
     tokenizer_psnr, codes, latent, true, val_codes, inferred_psnr, random_psnr, baseline_psnr = ([] for _ in range(8))
     for i in range(0, len(picks), args.batch_size):
         batch = [dataset[int(j)] for j in picks[i:i + args.batch_size]]
-        frames = torch.stack([b["frames"] for b in batch]).to(device)  # (B, T, 3, 64, 64)
+        frames = from_uint8(torch.stack([b["frames"] for b in batch]).to(device))  # (B, T, 3, 64, 64)
         z = action_model.encode(frames)  # (B, T - 1, C): the code before quantisation, for the probe
         actions = action_model.vq.nearest(z)  # (B, T - 1), as infer_actions
         latent.append(actions.flatten().cpu())
@@ -330,7 +330,7 @@ def evaluate_vae(args):
     psnrs, ssims = [], []
     for i in range(0, len(picked), args.batch_size):
         frames = torch.stack([store.window(int(j), 1)["frames"][0] for j in picked[i:i + args.batch_size]])
-        frames = frames.to(device)  # (B, 3, H, W)
+        frames = from_uint8(frames.to(device))  # (B, 3, H, W)
         recon = vae.decode(vae.encode(frames)[0])
         psnrs.append(psnr(recon, frames).cpu())
         ssims.append(ssim(recon, frames).cpu())
@@ -411,7 +411,7 @@ def evaluate_dit(args):
     keys = ["psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr"] + (["best_of_k_psnr"] if args.samples > 1 else [])
     sums = {k: torch.zeros(args.horizon) for k in keys}
     for chunk in tqdm(np.array_split(picks, max(1, len(picks) // args.batch_size)), desc="evaluate dit"):
-        frames = torch.stack([windows[int(i)]["frames"] for i in chunk]).to(device)  # (B, P + H, 3, h, w)
+        frames = from_uint8(torch.stack([windows[int(i)]["frames"] for i in chunk]).to(device))  # (B, P + H, 3, h, w)
         prompt, truth = frames[:, :args.prompt_frames], frames[:, args.prompt_frames:]
         with autocast(device):
             mu, logvar = vae.encode(prompt.flatten(0, 1))  # (B * P, N, C)
@@ -421,7 +421,8 @@ def evaluate_dit(args):
             for k in range(args.samples):
                 generated = sampler.rollout(context, args.horizon, generator) / scale
                 decoded = vae.decode(generated.flatten(0, 1)).float().unflatten(0, truth.shape[:2])  # (B, H, 3, h, w)
-                first = decoded if k == 0 else first
+                if k == 0:
+                    first = decoded
                 samples.append(psnr(decoded, truth).cpu())
             recon = vae.decode(vae.encode(truth.flatten(0, 1))[0]).float().unflatten(0, truth.shape[:2])
         last = prompt[:, -1:].expand_as(truth)  # the baseline: nothing moves after the prompt

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from dataset import WindowDataset, open_frames
 from dit import DiT, Sampler, check_vae
-from utils import (UserError, add_step_compile_flag, autocast, compile_step, first_line, get_device, load_model,
-                   positive, run_cli, to_uint8, write_gif, write_mp4)
+from utils import (UserError, add_step_compile_flag, autocast, compile_step, first_line, from_uint8, get_device,
+                   load_model, positive, run_cli, to_uint8, write_gif, write_mp4)
 from vae2 import ViTVAE
 
 
@@ -107,7 +107,7 @@ def main():
         raise UserError(f"the first --prompt_max_frames {args.prompt_max_frames} frames hold no {needed}")
     start = int(np.random.default_rng(args.seed).choice(starts))
     truth = np.array(store.frames[start:start + shown])  # (T, H, W, 3) uint8
-    prompt = torch.from_numpy(truth[:args.prompt_frames]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    prompt = from_uint8(torch.from_numpy(truth[:args.prompt_frames]).to(device).permute(0, 3, 1, 2))
 
     generator = torch.Generator(device).manual_seed(args.seed)
     scale = model.config.latent_scale

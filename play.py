@@ -34,8 +34,8 @@ import torch
 
 from dataset import FrameStore, split_episodes
 from dynamics import Dynamics, Sampler
-from utils import (UserError, add_step_compile_flag, autocast, compile_step, get_device, load_model, run_cli,
-                   seed_everything, to_uint8, write_gif, write_mp4)
+from utils import (UserError, add_step_compile_flag, autocast, compile_step, from_uint8, get_device, load_model,
+                   run_cli, seed_everything, to_uint8, write_gif, write_mp4)
 from vae import Tokenizer
 
 
@@ -83,7 +83,7 @@ class GenieWorld:
     @torch.no_grad()
     def reset(self, frames):
         """Start from prompt frames uint8 (B, H, W, 3); returns them as the model sees them (tokenised)."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = from_uint8(torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2))
         with autocast(self.device):
             self.tokens, self.actions = [self.tokenizer.encode(x)], []  # [(B, rows, cols)]
             self.start_sampler()

@@ -24,8 +24,8 @@ import torch
 import dit
 from dataset import FrameStore, WindowDataset, open_latents
 from training import add_training_flags, train_loop
-from utils import UserError, add_config_flags, apply_defaults, build, get_device, load_model, override, positive, \
-    run_cli, seed_everything, to_uint8, write_mp4
+from utils import UserError, add_config_flags, apply_defaults, build, from_uint8, get_device, load_model, override, \
+    positive, run_cli, seed_everything, to_uint8, write_mp4
 from vae2 import ViTVAE
 
 DEFAULTS = {  # training hyperparameters per preset: steps, batch size, peak learning rate, EMA decay
@@ -37,7 +37,7 @@ DEFAULTS = {  # training hyperparameters per preset: steps, batch size, peak lea
 
 def sample_latents(batch, scale):
     """A draw from the VAE posterior of each frame, scaled to unit variance: (B, T, N, C)."""
-    mu, logvar = batch["mu"], batch["logvar"]
+    mu, logvar = batch["mu"].float(), batch["logvar"].float()
     return (mu + (0.5 * logvar).exp() * torch.randn_like(mu)) * scale
 
 
@@ -101,7 +101,7 @@ def main():
     if frames is not None:
         try:  # prompt seq_len - 1 frames and continue past the training length, so that the window slides
             held_out = WindowDataset(frames, config.seq_len + config.seq_len // 2, split="val")
-            sample_clip = held_out[len(held_out) // 2]["frames"].to(device)
+            sample_clip = from_uint8(held_out[len(held_out) // 2]["frames"].to(device))
         except UserError as e:
             print(f"no sample videos: {e}")
 

@@ -27,8 +27,8 @@ import vae
 from dataset import FrameStore, WindowDataset
 from download import collect_procgen
 from training import add_training_flags, barrier, distributed, train_loop
-from utils import UserError, add_config_flags, apply_defaults, build, get_device, load_model, override, positive, \
-    run_cli, seed_everything
+from utils import UserError, add_config_flags, apply_defaults, build, from_uint8, get_device, load_model, override, \
+    positive, run_cli, seed_everything
 
 PHASES = ["collect", "tokenizer", "lam", "dynamics"]
 PRESETS = {"tokenizer": vae.PRESETS, "lam": lam.PRESETS, "dynamics": dynamics.PRESETS}  # the model configs
@@ -109,14 +109,15 @@ def main():
         store = frames_store(args)
         seed_everything(args.seed)  # each phase from the seed: a phase run alone trains as it does within 'all'
         model = build(vae.Tokenizer, model_config("tokenizer", args)).to(device)
-        train("tokenizer", model, lambda net, b, step: net(b["frames"][:, 0]), WindowDataset(store, 1), args, device)
+        train("tokenizer", model, lambda net, b, step: net(from_uint8(b["frames"][:, 0])), WindowDataset(store, 1), args, device)
 
     if "lam" in phases:
         store = frames_store(args)
         seed_everything(args.seed)
         model = build(lam.LatentActionModel, model_config("lam", args)).to(device)
         (out / "meaning.json").unlink(missing_ok=True)  # evaluate.py genie's labels of the previous LAM's actions
-        train("lam", model, lambda net, b, step: net(b["frames"]), WindowDataset(store, args.lam_seq_len), args, device)
+        train("lam", model, lambda net, b, step: net(from_uint8(b["frames"])),
+              WindowDataset(store, args.lam_seq_len), args, device)
 
     if "dynamics" in phases:
         store = frames_store(args)
@@ -130,7 +131,7 @@ def main():
         model = build(dynamics.Dynamics, config).to(device)
 
         def loss_fn(net, batch, step):  # tokens and latent actions from the frozen earlier phases: no gradient into them
-            frames = batch["frames"]  # (B, T, 3, 64, 64)
+            frames = from_uint8(batch["frames"])  # (B, T, 3, 64, 64)
             with torch.no_grad():
                 tokens = tokenizer.encode(frames.flatten(0, 1)).view(*frames.shape[:2], rows, cols)
                 actions = action_model.infer_actions(frames)  # (B, T - 1)

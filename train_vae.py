@@ -27,8 +27,8 @@ import torch
 import vae2
 from dataset import WindowDataset, open_frames, require_size, spread_frames
 from training import add_training_flags, train_loop
-from utils import UserError, add_config_flags, apply_defaults, atomic_path, build, get_device, override, positive, \
-    run_cli, seed_everything, to_uint8
+from utils import UserError, add_config_flags, apply_defaults, atomic_path, build, from_uint8, get_device, override, \
+    positive, run_cli, seed_everything, to_uint8
 
 DEFAULTS = {  # training hyperparameters per preset: steps, batch size, learning rate, beta schedule, picture interval
     "tiny": dict(steps=1200, batch_size=4, lr=1e-3, beta_start_step=100, beta_warmup_steps=100, sample_every=400),
@@ -89,7 +89,7 @@ def main():
     # the pictures show held-out frames where the store has some, so they show what the VAE generalises to
     picked = spread_frames(store, "val", 4)
     picked = picked if len(picked) else spread_frames(store, "train", 4)
-    sample = torch.stack([store.window(int(i), 1)["frames"][0] for i in picked]).to(device)  # (K, 3, H, W)
+    sample = from_uint8(torch.stack([store.window(int(i), 1)["frames"][0] for i in picked]).to(device))  # (K, 3, H, W)
 
     # model and loop, seeded once the data is ready (preparing a video or finding it prepared gives the same run)
     seed_everything(args.seed)
@@ -100,7 +100,7 @@ def main():
 
     def loss_fn(net, batch, step):
         beta = beta_at(step, args)
-        loss, logs = net(batch["frames"], beta, args.diff_weight)
+        loss, logs = net(from_uint8(batch["frames"]), beta, args.diff_weight)
         return loss, {**logs, "beta": beta}
 
     def on_log(step, current, wandb):  # called at log steps, so pictures come at multiples of both intervals

@@ -49,6 +49,7 @@ from utils import TrainingFailed, UserError, WandbLog, atomic_path, atomic_write
 # and its resumption. Each script adds its own such flags (train_loop's `unchanged`).
 WATCH_FLAGS = {"device", "compile", "num_workers", "log_every", "wandb", "save_every", "keep", "resume", "fresh",
                "max_bad_steps", "micro_batch", "checkpoint_blocks", "gpu_memory"}
+DEFAULT_WORKERS = max(2, min(8, (os.cpu_count() or 2) // 2))  # loader processes: enough to feed a GPU, few on a laptop
 # A testing aid, not a flag: the steps (comma-separated) whose loss is made NaN, to see the non-finite guard at work.
 POISON_STEPS_VARIABLE = "GAMEWORLD_POISON_STEPS"
 # Another: RANK:STEP, that process of a torchrun launch fails with an exception at that step, to see the launch end.
@@ -60,7 +61,9 @@ CRASH_VARIABLE = "GAMEWORLD_CRASH"
 def add_training_flags(parser):
     """The flags every training script shares (read by train_loop)."""
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    parser.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS,
+                        help=f"DataLoader worker processes per training process (default {DEFAULT_WORKERS}: half this "
+                             f"machine's cores, 2 to 8)")
     parser.add_argument("--log_every", type=positive(int), default=25, help="steps between log lines (default 25)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initialisation")
     parser.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")

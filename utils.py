@@ -270,6 +270,12 @@ def load_model(cls, folder_or_repo, device="cpu"):
 
 # ----------------------------------------------------------------------------- video files
 
+def from_uint8(frames):
+    """uint8 frames (..., C, H, W), as the stores hand them out -> float in [-1, 1], on their device. The loaders
+    move bytes (a quarter of float32's) and the device converts."""
+    return frames.float() / 127.5 - 1
+
+
 def to_uint8(frames):
     """Float frames in [-1, 1], (T, C, H, W) tensor -> uint8 array (T, H, W, C)."""
     frames = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

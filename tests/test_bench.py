@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run
+from conftest import assert_user_error, run
 
 
 @pytest.mark.parametrize("model", ["dit", "vae2", "tokenizer", "lam", "dynamics"])
@@ -60,3 +60,16 @@ def test_bench_memory_plans_a_card(tmp_path):
     assert figures["micro_batch"] == 8 and figures["checkpoint_blocks"] is False  # 16 at once would not fit
     assert figures["peak_gb"] == pytest.approx(sum(figures[f"{k}_gb"] for k in (
         "weights", "gradients", "optimizer", "ema", "activations")))
+
+
+def test_bench_data_compares_the_loader_with_a_gpu_step(coinrun, tmp_path):
+    result = run("bench.py", "data", coinrun, "--model", "lam", "--preset", "tiny", "--steps", 3, "--warmup", 1,
+                 "--num_workers", 1, "--json", tmp_path / "data.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "data.json").read_text())
+    assert figures["batch_size"] == 16 and figures["frames_per_sample"] == 4 and figures["loader_samples_per_s"] > 0
+    assert figures["gpu_samples_per_s"] == pytest.approx(
+        16 / (figures["flops_per_step"] / (989e12 * 0.4)), rel=1e-6)
+    assert figures["loader_ratio"] == pytest.approx(figures["loader_samples_per_s"] / figures["gpu_samples_per_s"])
+    assert_user_error(run("bench.py", "data", coinrun, "--model", "dit", "--preset", "tiny"),
+                      "the dit trains on a latent store")

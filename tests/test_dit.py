@@ -94,7 +94,7 @@ def test_overfits_real_latents(diffusion_data):
     """One real clip of latents, 100 Adam steps: the flow-matching loss falls by more than 3x (measured FACTOR)."""
     store = LatentStore(diffusion_data["latents"])
     clip = WindowDataset(store, 4)[0]
-    x1 = clip["mu"][None] * store.scale  # (1, 4, 220, 48), unit variance
+    x1 = clip["mu"][None].float() * store.scale  # (1, 4, 220, 48), unit variance
     torch.manual_seed(0)
     model = DiT(dataclasses.replace(PRESETS["tiny"], seq_len=4))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

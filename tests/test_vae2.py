@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from conftest import assert_user_error, run
 from dataset import FrameStore, LatentStore, WindowDataset, open_latents, vae_id
 from evaluate import psnr, ssim
-from utils import UserError, load_model, save_model
+from utils import UserError, from_uint8, load_model, save_model
 from vae2 import PRESETS, VAEConfig, ViTVAE
 
 
 def frames_of(store_path, count):
     """`count` frames spread over the store, (count, 3, 180, 320) floats in [-1, 1]."""
     store = FrameStore(store_path)
-    return torch.stack([store.window(int(i), 1)["frames"][0] for i in np.linspace(0, store.count - 1, count)])
+    return from_uint8(torch.stack([store.window(int(i), 1)["frames"][0]
+                                   for i in np.linspace(0, store.count - 1, count)]))
 
 
 def test_config_and_shapes(diffusion_data):
@@ -128,7 +129,7 @@ def test_encode_writes_the_models_latents_in_windows_that_stay_in_episodes(diffu
     assert latents.meta["vae_id"] == vae_id(diffusion_data["vae"]) and latents.meta["frames"] == str(frames.path)
     index = [0, 99, 100, 299]
     with torch.no_grad():
-        mu, logvar = vae.encode(torch.stack([frames.window(i, 1)["frames"][0] for i in index]))
+        mu, logvar = vae.encode(from_uint8(torch.stack([frames.window(i, 1)["frames"][0] for i in index])))
     torch.testing.assert_close(torch.from_numpy(np.array(latents.mu[index])).float(), mu, rtol=1e-3, atol=2e-3)
     torch.testing.assert_close(torch.from_numpy(np.array(latents.logvar[index])).float(), logvar, rtol=1e-3, atol=2e-3)
     all_mu = np.asarray(latents.mu, dtype=np.float64)
@@ -140,9 +141,9 @@ def test_encode_writes_the_models_latents_in_windows_that_stay_in_episodes(diffu
         start = int(dataset.starts[i])
         assert any(s <= start and start + 8 <= e for s, e in episodes), start
         item = dataset[i]
-        assert item["mu"].shape == item["logvar"].shape == (8, 220, 48) and item["mu"].dtype == torch.float32
+        assert item["mu"].shape == item["logvar"].shape == (8, 220, 48) and item["mu"].dtype == torch.float16
         assert item["actions"].shape == (8,)
-        assert torch.equal(item["mu"], torch.from_numpy(np.array(latents.mu[start:start + 8])).float())
+        assert torch.equal(item["mu"], torch.from_numpy(np.array(latents.mu[start:start + 8])))
     assert len(WindowDataset(latents, seq_len=8, split="val")) > 0  # a held-out level for the DiT's samples
     assert torch.equal(pickle.loads(pickle.dumps(dataset))[3]["mu"], dataset[3]["mu"])  # DataLoader workers
 
