@@ -16,8 +16,16 @@ A latent store holds a frame store encoded by the ViT-VAE (vae2.py), for the DiT
                multiplies latents by it to get unit variance), vae (its folder), vae_id (changes with its weights)
                and frames (the frame store's path)
 
-Windows come out as (T, C, H, W) float tensors in [-1, 1] from a frame store (for Celeste footage C, H, W = 3, 180,
-320), as (T, N, L) float32 mu and logvar from a latent store.
+A token store holds a frame store as the Genie dynamics model reads it (train_genie.py writes it beside the models):
+  tokens.u16          uint16 tokenizer tokens (count, rows, cols)
+  latent_actions.npy  int64 (count,): latent_actions[i] is the LAM's action for the transition frame i -> frame i+1
+                      (0 at an episode's last frame, which starts no transition)
+  meta.json           the frame store's meta plus grid [rows, cols], tokenizer_id and lam_id (model_id of each) and
+                      frames (the frame store's path)
+
+Windows come out as (T, C, H, W) uint8 frames from a frame store (for Celeste footage C, H, W = 3, 180, 320; the
+device makes them floats in [-1, 1]), as (T, N, L) float16 mu and logvar from a latent store, as (T, rows, cols) tokens
+and the T - 1 latent actions between them from a token store.
 
   python dataset.py prepare videos/z8r255LoVJc.mp4 --fps 12 --size 320x180     # -> videos/z8r255LoVJc_12fps_320x180/
   python dataset.py info videos/coinrun
@@ -42,6 +50,7 @@ from utils import UserError, atomic_dir, from_uint8, get_device, load_model, par
 from vae2 import ViTVAE
 
 FRAMES, ACTIONS, META, MU, LOGVAR = "frames.u8", "actions.npy", "meta.json", "mu.f16", "logvar.f16"
+TOKENS, LATENT_ACTIONS = "tokens.u16", "latent_actions.npy"
 
 
 # ----------------------------------------------------------------------------- the store
@@ -292,13 +301,47 @@ class LatentStore(Store):
         return item
 
 
+class TokenStore(Store):
+    """A token store opened for reading (train_genie.tokenize writes one)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.meta = read_meta(self.path, "token store")
+        try:
+            self.grid = tuple(int(n) for n in self.meta["grid"])
+            self.tokenizer_id, self.lam_id = str(self.meta["tokenizer_id"]), str(self.meta["lam_id"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.path / META} is malformed: {type(e).__name__} {e}") from None
+        self.count, self.episode_starts, self.levels, self.fps = (self.meta[k] for k in
+                                                                  ("count", "episode_starts", "levels", "fps"))
+        check_size(self.path / TOKENS, self.count * math.prod(self.grid) * 2, f"{self.count} token grids of {self.grid}")
+        self.has_actions = False  # the true actions stay in the frame store
+        self._maps = {}
+
+    @property
+    def tokens(self):  # (count, rows, cols) uint16
+        return self.memmap(TOKENS, np.uint16, self.grid)
+
+    @property
+    def latent_actions(self):  # (count,) int64
+        if LATENT_ACTIONS not in self._maps:
+            self._maps[LATENT_ACTIONS] = np.load(self.path / LATENT_ACTIONS, mmap_mode="r")
+        return self._maps[LATENT_ACTIONS]
+
+    def window(self, start, length):
+        """{"tokens": (T, rows, cols) int64, "latent_actions": (T - 1,) int64, those of the transitions between}."""
+        return {"tokens": torch.from_numpy(self.tokens[start:start + length].astype(np.int64)),
+                "latent_actions": torch.from_numpy(np.array(self.latent_actions[start:start + length - 1]))}
+
+
 def open_store(path):
     """A frame store or a latent store, whichever the folder holds."""
     return LatentStore(path) if (Path(path) / MU).exists() else FrameStore(path)
 
 
-def vae_id(folder):
-    """A short hash of a local VAE folder's weights and config: a latent store made with other weights is stale."""
+def model_id(folder):
+    """A short hash of a local model folder's weights and config: a latent or token store made with other weights is
+    stale."""
     if not Path(folder).is_dir():
         raise UserError(f"model folder {folder} does not exist")
     digest = hashlib.sha256()
@@ -344,7 +387,7 @@ def encode(store, vae_folder, out, device, batch_size=64):
         std = math.sqrt(max(total_sq / numbers - (total / numbers) ** 2, 1e-12))
         # absolute paths: train_dit.py finds the frames behind the latents from any working directory
         meta = {**store.meta, "latent_shape": [c.tokens, c.latent_dim], "scale": 1 / std,
-                "vae": str(Path(vae_folder).resolve()), "vae_id": vae_id(vae_folder), "frames": str(store.path.resolve())}
+                "vae": str(Path(vae_folder).resolve()), "vae_id": model_id(vae_folder), "frames": str(store.path.resolve())}
         write_meta(tmp, **meta)
     return LatentStore(out)
 
@@ -352,7 +395,7 @@ def encode(store, vae_folder, out, device, batch_size=64):
 def open_latents(data, vae_folder, device, batch_size=64):
     """A DiT's DATA: a latent store (checked against the VAE's weights), or a frame store or video whose latents are
     encoded once into <store>_latents beside it and reused until the VAE's weights change."""
-    current = vae_id(vae_folder)
+    current = model_id(vae_folder)
     if (Path(data) / MU).exists():
         latents = LatentStore(data)
         if latents.vae_id != current:
@@ -410,7 +453,7 @@ class WindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, store, seq_len, split="train", held_out_fraction=0.1, stride=1):
-        self.store = store if isinstance(store, (FrameStore, LatentStore)) else open_store(store)
+        self.store = store if isinstance(store, Store) else open_store(store)
         self.seq_len = seq_len
         ranges = split_episodes(self.store, split, held_out_fraction)
         starts = [np.arange(s, e - seq_len + 1, stride) for s, e in ranges if e - s >= seq_len]

@@ -9,7 +9,9 @@ evaluate.py read them with no flags:
   models/genie/tokenizer   vae.Tokenizer             64x64 frame <-> 16x16 tokens
   models/genie/lam         lam.LatentActionModel     clip -> one latent action per transition
   models/genie/dynamics    dynamics.Dynamics         context tokens + latent action -> next frame's tokens
-and a log of its losses to models/genie/logs/<phase>.json. The models never see the true actions in the store.
+and a log of its losses to models/genie/logs/<phase>.json. The models never see the true actions in the store. The
+dynamics trains from models/genie/tokens (dataset.TokenStore): every frame's tokens and every transition's latent
+action, computed once by the frozen tokenizer and LAM and again only when either changes.
 
 Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command skips the finished
 phases, continues the interrupted one from its last state in models/genie/checkpoints/<phase>/ and ends with the same
@@ -19,16 +21,18 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 import dynamics
 import lam
 import vae
-from dataset import FrameStore, WindowDataset
+from dataset import LATENT_ACTIONS, TOKENS, FrameStore, TokenStore, WindowDataset, model_id, write_meta
 from download import collect_procgen
 from training import add_training_flags, barrier, distributed, train_loop
-from utils import UserError, add_config_flags, apply_defaults, build, from_uint8, get_device, load_model, override, \
-    positive, run_cli, seed_everything
+from utils import UserError, add_config_flags, apply_defaults, atomic_dir, build, from_uint8, get_device, load_model, \
+    override, positive, run_cli, seed_everything
 
 PHASES = ["collect", "tokenizer", "lam", "dynamics"]
 PRESETS = {"tokenizer": vae.PRESETS, "lam": lam.PRESETS, "dynamics": dynamics.PRESETS}  # the model configs
@@ -120,23 +124,65 @@ def main():
               WindowDataset(store, args.lam_seq_len), args, device)
 
     if "dynamics" in phases:
-        store = frames_store(args)
-        tokenizer = load_model(vae.Tokenizer, out / "tokenizer", device)
-        action_model = load_model(lam.LatentActionModel, out / "lam", device)
-        rows, cols = tokenizer.encode(torch.zeros(1, 3, 64, 64, device=device)).shape[1:]
+        tokens = open_tokens(frames_store(args), out, args.lam_seq_len, device)
         config = dataclasses.replace(model_config("dynamics", args),
-                                     vocab_size=tokenizer.config.num_codes,
-                                     num_actions=action_model.config.num_actions, rows=rows, cols=cols)
+                                     vocab_size=load_model(vae.Tokenizer, out / "tokenizer").config.num_codes,
+                                     num_actions=load_model(lam.LatentActionModel, out / "lam").config.num_actions,
+                                     rows=tokens.grid[0], cols=tokens.grid[1])
         seed_everything(args.seed)
         model = build(dynamics.Dynamics, config).to(device)
+        train("dynamics", model, lambda net, b, step: net(b["tokens"], b["latent_actions"]),
+              WindowDataset(tokens, config.context), args, device)
 
-        def loss_fn(net, batch, step):  # tokens and latent actions from the frozen earlier phases: no gradient into them
-            frames = from_uint8(batch["frames"])  # (B, T, 3, 64, 64)
-            with torch.no_grad():
-                tokens = tokenizer.encode(frames.flatten(0, 1)).view(*frames.shape[:2], rows, cols)
-                actions = action_model.infer_actions(frames)  # (B, T - 1)
-            return net(tokens, actions)
-        train("dynamics", model, loss_fn, WindowDataset(store, config.context), args, device)
+
+@torch.no_grad()
+def tokenize(store, out, lam_seq_len, device, batch_size=64):
+    """The frozen tokenizer's tokens of every frame of `store` and the frozen LAM's action for every transition, into a
+    token store at models/tokens (dataset.TokenStore), which the dynamics trains from. The LAM labels each episode in
+    clips of lam_seq_len frames that overlap by one, so each transition is labelled once, having seen the frames of its
+    clip up to it, as in the LAM's training."""
+    tokenizer = load_model(vae.Tokenizer, out / "tokenizer", device)
+    action_model = load_model(lam.LatentActionModel, out / "lam", device)
+    grid = tokenizer.config.grid
+    clips = {}  # clip length -> first frames
+    for first, end in store.episodes():
+        for start in range(first, end - 1, lam_seq_len - 1):
+            clips.setdefault(min(lam_seq_len, end - start), []).append(start)
+    with atomic_dir(out / "tokens") as tmp:
+        tokens = np.memmap(tmp / TOKENS, np.uint16, "w+", shape=(store.count, grid, grid))
+        for start in tqdm(range(0, store.count, batch_size), unit="batch", desc="tokens"):
+            frames = from_uint8(store.window(start, batch_size)["frames"].to(device))
+            tokens[start:start + len(frames)] = tokenizer.encode(frames).cpu().numpy()
+        tokens.flush()
+        del tokens
+        actions = np.zeros(store.count, np.int64)
+        for length, starts in clips.items():
+            for i in tqdm(range(0, len(starts), batch_size), unit="batch", desc=f"latent actions ({length} frames)"):
+                chunk = starts[i:i + batch_size]
+                frames = from_uint8(torch.stack([store.window(s, length)["frames"] for s in chunk]).to(device))
+                inferred = action_model.infer_actions(frames).cpu().numpy()  # (B, length - 1)
+                for start, row in zip(chunk, inferred):
+                    actions[start:start + length - 1] = row
+        np.save(tmp / LATENT_ACTIONS, actions)
+        write_meta(tmp, **store.meta, grid=[grid, grid], tokenizer_id=model_id(out / "tokenizer"),
+                   lam_id=model_id(out / "lam"), frames=str(store.path.resolve()))
+    return TokenStore(out / "tokens")
+
+
+def open_tokens(store, out, lam_seq_len, device):
+    """The token store of `store` under the models in `out`: made once (by rank 0 under torchrun), and again only
+    when the tokenizer or the LAM has changed."""
+    if distributed()[0] == 0:
+        try:
+            tokens = TokenStore(out / "tokens")
+            stale = (tokens.tokenizer_id, tokens.lam_id, tokens.count, tokens.meta.get("frames")) != (
+                model_id(out / "tokenizer"), model_id(out / "lam"), store.count, str(store.path.resolve()))
+        except UserError:  # none yet, or an unusable one: made anew rather than trusted
+            stale = True
+        if stale:
+            tokenize(store, out, lam_seq_len, device)
+    barrier()
+    return TokenStore(out / "tokens")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,22 @@
 """The Genie pipeline end to end at the tiny preset on real CoinRun frames: train, evaluate, play; and bad input."""
 import json
+import shutil
 import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, assert_user_error, run
+from dataset import FrameStore, TokenStore, WindowDataset, model_id
 from evaluate import action_effect, latent_action_figures, linear_probe
+from lam import LatentActionModel
 from play import default_keymap
+from train_genie import open_tokens
+from utils import from_uint8, load_model, save_model
+from vae import Tokenizer
 
 PROCGEN_ACTIONS = ["LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NOOP", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP", "D", "A",
                    "W", "S", "Q", "E"]  # procgen's 15, as download.py names them
@@ -25,6 +32,35 @@ def test_every_phase_learns(genie):
     assert len(logs["lam"][-1]["code_usage"]) == 8
     for phase in logs:
         assert sorted(p.name for p in (genie / "models" / phase).iterdir()) == ["config.json", "model.safetensors"]
+
+
+@torch.no_grad()
+def test_the_token_store_holds_what_the_frozen_models_say_and_is_remade_when_they_change(genie, tmp_path):
+    models = genie / "models"
+    store, tokens = FrameStore(genie / "coinrun"), TokenStore(models / "tokens")
+    tokenizer, action_model = load_model(Tokenizer, models / "tokenizer"), load_model(LatentActionModel, models / "lam")
+    assert tokens.count == store.count and tokens.grid == (16, 16)
+    picks = [0, 1, 1234, store.count - 1]
+    frames = from_uint8(torch.stack([store.window(i, 1)["frames"][0] for i in picks]))
+    assert np.array_equal(tokens.tokens[picks], tokenizer.encode(frames).numpy())
+    first, end = store.episodes()[1]  # the LAM labels an episode in clips of 4 frames (tiny) overlapping by one
+    for start in (first, first + 3):
+        clip = from_uint8(store.window(start, 4)["frames"][None])
+        assert np.array_equal(tokens.latent_actions[start:start + 3], action_model.infer_actions(clip)[0].numpy())
+    item = WindowDataset(tokens, 4)[0]
+    assert item["tokens"].shape == (4, 16, 16) and item["latent_actions"].shape == (3,)
+
+    copy = tmp_path / "models"
+    for name in ("tokenizer", "lam", "tokens"):
+        shutil.copytree(models / name, copy / name)
+    written = (copy / "tokens" / "meta.json").stat().st_mtime_ns
+    open_tokens(store, copy, 4, torch.device("cpu"))  # the same models: reused
+    assert (copy / "tokens" / "meta.json").stat().st_mtime_ns == written
+    action_model.vq.codebook.mul_(-1)
+    save_model(action_model, copy / "lam")
+    again = open_tokens(store, copy, 4, torch.device("cpu"))  # another LAM: made again
+    assert again.lam_id == model_id(copy / "lam") != tokens.lam_id and again.tokenizer_id == tokens.tokenizer_id
+    assert np.array_equal(again.tokens[picks], tokens.tokens[picks])
 
 
 def test_play_batch_writes_every_frame(genie, tmp_path):

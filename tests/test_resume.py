@@ -89,7 +89,9 @@ def assert_resumes_to_reference(kind, data, out, reference):
 @pytest.mark.parametrize("kind", ["vae", "dit", "genie"])
 def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(kind, data, reference, tmp_path):
     window = reference[kind][1]
-    for attempt in range(3):  # a busy machine may let a run finish inside the window: kill a fresh one sooner
+    # The window was measured on the reference run; a machine less busy now may finish a run inside it: each fresh
+    # attempt kills twice as soon (CI once saw three runs finish inside a 15 s window measured under load).
+    for attempt in range(6):
         out = tmp_path / f"attempt{attempt}"
         argv, _ = command(kind, data, out)
         process = start(argv)
@@ -101,7 +103,7 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_same_weights(kind, dat
             break
         assert process.returncode == 0, f"the run failed before the kill with exit code {process.returncode}"
     else:
-        pytest.fail(f"three runs finished before their kill (window {window:.1f} s)")
+        pytest.fail(f"six runs finished before their kill (window {window:.1f} s)")
     assert_resumes_to_reference(kind, data, out, reference)
 
 

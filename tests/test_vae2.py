@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_user_error, run
-from dataset import FrameStore, LatentStore, WindowDataset, open_latents, vae_id
+from dataset import FrameStore, LatentStore, WindowDataset, model_id, open_latents
 from evaluate import psnr, ssim
 from utils import UserError, from_uint8, load_model, save_model
 from vae2 import PRESETS, VAEConfig, ViTVAE
@@ -126,7 +126,7 @@ def test_encode_writes_the_models_latents_in_windows_that_stay_in_episodes(diffu
     assert latents.count == frames.count and latents.latent_shape == (220, 48)
     assert latents.episodes() == frames.episodes() and latents.levels == frames.levels and latents.fps == frames.fps
     assert latents.has_actions and np.array_equal(latents.actions, frames.actions)
-    assert latents.meta["vae_id"] == vae_id(diffusion_data["vae"]) and latents.meta["frames"] == str(frames.path)
+    assert latents.meta["vae_id"] == model_id(diffusion_data["vae"]) and latents.meta["frames"] == str(frames.path)
     index = [0, 99, 100, 299]
     with torch.no_grad():
         mu, logvar = vae.encode(from_uint8(torch.stack([frames.window(i, 1)["frames"][0] for i in index])))
@@ -163,7 +163,7 @@ def test_open_latents_encodes_once_and_again_when_the_vae_changes(diffusion_data
     with pytest.raises(UserError, match="re-encode"):
         open_latents(first.path, tmp_path / "other_vae", "cpu")
     again = open_latents(store, tmp_path / "other_vae", "cpu")
-    assert again.vae_id == vae_id(tmp_path / "other_vae") != first.vae_id
+    assert again.vae_id == model_id(tmp_path / "other_vae") != first.vae_id
 
 
 def test_evaluate_vae_writes_finite_psnr_and_ssim(diffusion_data, tmp_path):
