@@ -114,7 +114,10 @@ def main():
     def loss_fn(net, batch, step):
         x1, frame_weight = sample_latents(batch, config.latent_scale), None
         if args.context_forcing:
-            x1, frame_weight = dit.context_forced(rollouts, x1, args.context_forcing)
+            # the model's own sampler; the memory planner's fake copy of the model (training.step_settings) gets one
+            # of its own, so that no fake tensor lands in the real sampler's cache
+            sampler = rollouts if getattr(net, "module", net) is model else dit.Sampler(net, args.rollout_steps)
+            x1, frame_weight = dit.context_forced(sampler, x1, args.context_forcing)
         return net(x1, args.self_forcing_p, frame_weight)
 
     def on_log(step, ema, wandb):

@@ -64,7 +64,7 @@ def test_a_default_preset_trains_at_its_default_batch_within_the_estimate(name):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     for step in (1, 2, 3):
-        loss, *_ = train_step(model, model, optimizer, bench.forward, batch, step, CUDA, ema, 0.999 if ema else None,
+        loss, *_ = train_step(model, model, optimizer, bench.forward, batch, step, CUDA, ema, 0.999 if ema is not None else None,
                               micro_batches=batch_size // found["micro_batch"])
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
