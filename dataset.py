@@ -59,6 +59,13 @@ class Store:
     """What frame stores and latent stores share: episodes, the true actions, and memory maps opened lazily, so that
     a store pickled into DataLoader workers sends only its path."""
 
+    def open(self, path, kind):
+        """Read meta.json (checked by read_meta) and what every store has: count, episodes, levels, fps."""
+        self.path, self._maps = Path(path), {}
+        self.meta = read_meta(self.path, kind)
+        self.count, self.episode_starts, self.levels, self.fps = (self.meta[k] for k in
+                                                                  ("count", "episode_starts", "levels", "fps"))
+
     def memmap(self, name, dtype, item_shape):  # (count, *item_shape), opened on first use
         if name not in self._maps:
             self._maps[name] = np.memmap(self.path / name, dtype, "r", shape=(self.count, *item_shape))
@@ -85,18 +92,14 @@ class FrameStore(Store):
     """A frame store opened for reading. Every file is checked against meta.json when it is opened."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self.meta = read_meta(self.path, "frame store")
+        self.open(path, "frame store")
         try:
             self.height, self.width = int(self.meta["height"]), int(self.meta["width"])
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.path / META} is malformed: {type(e).__name__} {e}") from None
-        self.count, self.episode_starts, self.levels, self.fps = (self.meta[k] for k in
-                                                                  ("count", "episode_starts", "levels", "fps"))
         check_size(self.path / FRAMES, self.count * self.height * self.width * 3,
                    f"{self.count} frames of {self.height}x{self.width}x3")
         self.has_actions = check_actions(self.path, self.count)
-        self._maps = {}
 
     @property
     def frames(self):  # (count, H, W, 3) uint8
@@ -265,8 +268,7 @@ class LatentStore(Store):
     """A latent store opened for reading (`encode` writes one). Every file is checked against meta.json."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self.meta = read_meta(self.path, "latent store")
+        self.open(path, "latent store")
         try:
             self.latent_shape = tuple(int(n) for n in self.meta["latent_shape"])
             self.scale = float(self.meta["scale"])
@@ -275,13 +277,10 @@ class LatentStore(Store):
             raise UserError(f"{self.path / META} is malformed: {type(e).__name__} {e}") from None
         if len(self.latent_shape) != 2 or not (math.isfinite(self.scale) and self.scale > 0):
             raise UserError(f"{self.path / META}: latent_shape must be [N, L] and scale a positive number")
-        self.count, self.episode_starts, self.levels, self.fps = (self.meta[k] for k in
-                                                                  ("count", "episode_starts", "levels", "fps"))
         for name in (MU, LOGVAR):
             check_size(self.path / name, self.count * math.prod(self.latent_shape) * 2,
                        f"{self.count} latents of {self.latent_shape} float16")
         self.has_actions = check_actions(self.path, self.count)
-        self._maps = {}
 
     @property
     def mu(self):  # (count, N, L) float16
@@ -305,18 +304,14 @@ class TokenStore(Store):
     """A token store opened for reading (train_genie.tokenize writes one)."""
 
     def __init__(self, path):
-        self.path = Path(path)
-        self.meta = read_meta(self.path, "token store")
+        self.open(path, "token store")
         try:
             self.grid = tuple(int(n) for n in self.meta["grid"])
             self.tokenizer_id, self.lam_id = str(self.meta["tokenizer_id"]), str(self.meta["lam_id"])
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.path / META} is malformed: {type(e).__name__} {e}") from None
-        self.count, self.episode_starts, self.levels, self.fps = (self.meta[k] for k in
-                                                                  ("count", "episode_starts", "levels", "fps"))
         check_size(self.path / TOKENS, self.count * math.prod(self.grid) * 2, f"{self.count} token grids of {self.grid}")
         self.has_actions = False  # the true actions stay in the frame store
-        self._maps = {}
 
     @property
     def tokens(self):  # (count, rows, cols) uint16
