@@ -7,6 +7,8 @@
   python bench.py play --preset tiny                                        # Genie play steps/s
   python bench.py memory --model dit --gpu_memory 40                        # no GPU needed, seconds
   python bench.py data videos/coinrun_wide_latents --model dit              # will the loader keep a GPU busy?
+  python bench.py footage results/atari_720p60.mp4                          # 120 s of Atari play, 1280x720, 60 fps
+  python bench.py prepare results/atari_720p60.mp4                          # prepare against ffmpeg's own fps+scale
 
 train: one training step as train_loop runs it (training.train_step: bf16 autocast on CUDA, fp32 on CPU; loss,
 backward, gradient clipping, the finite check, fused AdamW) on random inputs of the model's training shape. Reports
@@ -36,6 +38,12 @@ data: samples/s of the training loader (training.batches, --num_workers processe
 to the samples/s one training step at the preset consumes on a GPU, its time estimated as the step's counted FLOPs
 (forward and backward, as for train) / (--gpu_tflops x --mfu). A loader below the step's rate starves the GPU.
 
+prepare: output frames/s of `dataset.py prepare` (decode, resample to --fps, resize, into a store) and of the bundled
+ffmpeg's own `fps,scale` writing the same raw frames to the same disk, alternated on the same file; the ratio; the
+peak RSS of the prepare command (its largest process); and the time 4.5 h of such footage would take.
+footage: a video to measure prepare on without downloading one: an Atari game at 60 Hz with held random actions,
+scaled up and pillarboxed to --size, H.264 with an AAC track.
+
 --profile prints torch.profiler's table of one more step or frame: what limits the figure.
 --compile: train compiles the model's blocks as train_loop does (the default on CUDA, --no-compile to time eager);
 generate and play compile the per-step calls as generate.py and play.py do with --compile (CUDA graphs on CUDA).
@@ -45,10 +53,16 @@ Every figure is the median over --runs runs, after warm-up steps that are not ti
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -63,12 +77,13 @@ import train_genie
 import train_vae
 import vae
 import vae2
-from dataset import LatentStore, WindowDataset, open_store
+from dataset import LatentStore, WindowDataset, ffmpeg_exe, open_store, prepare, probe
 from generate import compile_world, decode_frame
 from play import GenieWorld
 from training import DEFAULT_WORKERS, add_compile_flag, batches, checkpoint_blocks, compile_blocks, make_optimizer, \
     train_step, use_compile
-from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, positive, run_cli
+from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, parse_size, positive, \
+    run_cli
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -384,6 +399,102 @@ def bench_play(args, device):
     return result
 
 
+# ----------------------------------------------------------------------------- footage
+
+def encode_video(path, frames, size, fps, audio=False, times=None):
+    """Encode uint8 RGB frames (an iterable of (H, W, 3)) as H.264 in an mp4 the way footage arrives: yuv420p, the
+    index first (as YouTube serves it), an AAC tone as a second track with `audio`, and, when `times` (an ffmpeg
+    expression of the frame number N, in seconds) is given, variable frame timing instead of N / fps."""
+    width, height = size
+    command = [ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{width}x{height}", "-r", str(fps), "-i", "-"]
+    if audio:
+        command += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-shortest", "-c:a", "aac"]
+    if times:
+        command += ["-vf", f"settb=1/90000,setpts='({times})/TB'", "-fps_mode", "passthrough"]
+    command += ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p", "-movflags",
+                "+faststart", str(path)]
+    encoder = subprocess.Popen(command, stdin=subprocess.PIPE)
+    for frame in frames:
+        encoder.stdin.write(np.ascontiguousarray(frame, np.uint8).tobytes())
+    encoder.stdin.close()
+    if encoder.wait() != 0:
+        raise UserError(f"ffmpeg could not write {path}")
+
+
+def atari_footage(game, size, fps, seconds, seed=0):
+    """Frames of an Atari game played at its native 60 Hz by held random actions, scaled up (nearest, as emulator
+    captures are) to the height of `size` and centred between black pillarbox bars: what an Atari upload looks
+    like."""
+    import ale_py
+    from ale_py.vector_env import AtariVectorEnv
+    if game not in ale_py.roms.get_all_rom_ids():
+        raise UserError(f"unknown ALE game {game!r}")
+    width, height = size
+    env = AtariVectorEnv(game, 1, img_height=210, img_width=160, grayscale=False, stack_num=1, frameskip=1,
+                         repeat_action_probability=0.0)
+    env.reset(seed=seed)
+    rng, action, hold = np.random.default_rng(seed), 0, 0
+    inner = min(width, round(160 / 210 * height))
+    canvas = np.zeros((height, width, 3), np.uint8)
+    for _ in range(round(seconds * fps)):
+        if hold <= 0:
+            action, hold = rng.integers(env.single_action_space.n), rng.integers(1, 30)
+        hold -= 1
+        observation, *_ = env.step(np.array([action]))
+        left = (width - inner) // 2
+        canvas[:, left:left + inner] = cv2.resize(observation[0, 0], (inner, height), interpolation=cv2.INTER_NEAREST)
+        yield canvas
+    env.close()
+
+
+def bench_footage(args, device):
+    size = parse_size(args.size)
+    started = time.perf_counter()
+    encode_video(args.out, atari_footage(args.game, size, args.fps, args.seconds), size, args.fps, audio=True)
+    print(f"wrote {args.out}: {args.seconds:g} s of {args.game} at {size[0]}x{size[1]}, {args.fps:g} fps, H.264 with "
+          f"an AAC track ({Path(args.out).stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - started:.0f} s)")
+    return {"video": args.out, "game": args.game, "size": args.size, "fps": args.fps, "seconds": args.seconds}
+
+
+def bench_prepare(args, device):
+    """Output frames/s of dataset.prepare and of ffmpeg's own fps + scale (the decoder it sits on, writing the same
+    raw frames to the same disk), alternated on the same file; and the peak RSS of the prepare command."""
+    size = parse_size(args.size)
+    info = probe(Path(args.video))
+    baseline = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", args.video, "-map",
+                "0:v:0", "-vf", f"fps={args.fps:g},scale={size[0]}:{size[1]}:flags=area", "-pix_fmt", "rgb24",
+                "-f", "rawvideo"]
+    times = {"prepare": [], "ffmpeg": []}
+    with tempfile.TemporaryDirectory(dir=Path(args.video).parent) as scratch:
+        for _ in range(args.runs):
+            started = time.perf_counter()
+            subprocess.run(baseline + [f"{scratch}/raw"], check=True)
+            times["ffmpeg"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            count = prepare(args.video, f"{scratch}/store", args.fps, size).count
+            times["prepare"].append(time.perf_counter() - started)
+        if (Path(scratch) / "raw").stat().st_size != count * size[0] * size[1] * 3:
+            raise UserError("prepare and ffmpeg's fps filter made different numbers of frames")
+        command = [sys.executable, "dataset.py", "prepare", args.video, "--fps", f"{args.fps:g}", "--size", args.size,
+                   "--out", f"{scratch}/rss"]
+        process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        peak_rss_mb = os.wait4(process.pid, 0)[2].ru_maxrss / 1024  # the largest of it and its ffmpeg
+    rates = {k: count / statistics.median(v) for k, v in times.items()}
+    result = {"video": args.video, "source": info, "fps": args.fps, "size": args.size, "frames": count,
+              "prepare_frames_per_s": rates["prepare"], "ffmpeg_frames_per_s": rates["ffmpeg"],
+              "ratio": rates["prepare"] / rates["ffmpeg"], "peak_rss_mb": peak_rss_mb,
+              "seconds_per_footage_second": count / rates["prepare"] / info["duration"]}
+    print(f"prepare {args.video} ({info['width']}x{info['height']}, {info['fps']:g} fps, {info['duration']:.1f} s) to "
+          f"{args.fps:g} fps {args.size}: {count} frames, median of {args.runs} runs")
+    print(f"  prepare  {rates['prepare']:8.1f} output frames/s")
+    print(f"  ffmpeg   {rates['ffmpeg']:8.1f} output frames/s (fps={args.fps:g},scale={size[0]}:{size[1]}:flags=area)")
+    print(f"  ratio    {result['ratio']:8.3f}; peak RSS of the prepare command {peak_rss_mb:.0f} MB; 4.5 h of such "
+          f"footage: about {4.5 * 60 * result['seconds_per_footage_second']:.1f} min")
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description="Benchmark the models: prints a table, writes JSON with --json.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -436,6 +547,17 @@ def main():
     p.add_argument("--frames", type=positive(int), default=4, help="timed frames per run (default 4)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")
     add_step_compile_flag(p)
+    p = sub.add_parser("prepare", help="dataset.py prepare's output frames/s next to ffmpeg's own fps + scale")
+    p.add_argument("video", help="a video file (make one with `bench.py footage`)")
+    p.add_argument("--fps", type=positive(float), default=12.0, help="frames per second of the store (default 12)")
+    p.add_argument("--size", default="320x180", help="WIDTHxHEIGHT of the stored frames (default 320x180)")
+    p.add_argument("--runs", type=positive(int), default=3, help="runs of each; the median is reported (default 3)")
+    p = sub.add_parser("footage", help="write a video of Atari play to benchmark prepare on (no download needed)")
+    p.add_argument("out", help="the mp4 to write")
+    p.add_argument("--game", default="breakout", help="an ALE game (default breakout)")
+    p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT (default 1280x720)")
+    p.add_argument("--fps", type=positive(float), default=60.0, help="frames per second (default 60)")
+    p.add_argument("--seconds", type=positive(float), default=120.0, help="length (default 120)")
     for p in sub.choices.values():
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
         p.add_argument("--profile", action="store_true",
@@ -445,7 +567,7 @@ def main():
     device = get_device(args.device)
     torch.manual_seed(0)
     result = {"train": bench_train, "play": bench_play, "generate": bench_generate, "memory": bench_memory,
-              "data": bench_data}[args.command](args, device)
+              "data": bench_data, "prepare": bench_prepare, "footage": bench_footage}[args.command](args, device)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
         print(f"wrote {args.json}")

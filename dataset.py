@@ -37,15 +37,16 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, atomic_dir, from_uint8, get_device, load_model, parse_size, positive, run_cli, write_gif, \
+from utils import UserError, atomic_dir, first_line, from_uint8, get_device, load_model, parse_size, positive, run_cli, write_gif, \
     write_mp4
 from vae2 import ViTVAE
 
@@ -188,55 +189,157 @@ def write_meta(folder, **meta):
     (Path(folder) / META).write_text(json.dumps(meta, indent=1))
 
 
-# ----------------------------------------------------------------------------- video -> store
+# ----------------------------------------------------------------------------- videos -> store
 
-def prepare(video, out, fps=12.0, size=(320, 180)):
-    """Decode `video` with OpenCV, resample it to `fps` by timestamp, resize to `size` (W, H) and write a store at `out`.
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".flv", ".ts"}
+FITS = ("crop", "pad", "stretch")
 
-    Output frame k shows the source frame whose timestamp is nearest to k / fps, so any source rate works (29.97,
-    variable, or lower than `fps`). Frames stream to disk one at a time: RAM does not grow with the video's length.
-    """
-    video = Path(video)
-    if not video.is_file():
-        raise UserError(f"video {video} does not exist")
+
+def ffmpeg_exe():
+    """The ffmpeg binary imageio-ffmpeg ships (with libx264 and every common decoder)."""
+    import imageio_ffmpeg
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def list_videos(path):
+    """The video files `prepare` takes from a path: the file itself, or the videos in a folder, by name."""
+    path = Path(path)
+    if path.is_dir():
+        videos = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+        if not videos:
+            raise UserError(f"{path} is a folder, and it holds no video ({', '.join(sorted(VIDEO_SUFFIXES))})")
+        return videos
+    if not path.is_file():
+        raise UserError(f"video {path} does not exist")
+    return [path]
+
+
+def probe(video):
+    """{"width", "height", "fps", "duration"} of a video's first video stream, from ffmpeg's description of the
+    file; UserError for what is not a video (empty, no header, another format, audio only, no stream at all)."""
     if video.stat().st_size == 0:
         raise UserError(f"video {video} is empty")
-    capture = cv2.VideoCapture(str(video))
-    source_fps = capture.get(cv2.CAP_PROP_FPS)
-    if not capture.isOpened() or not source_fps > 0:
-        raise UserError(f"{video} is not a video OpenCV can decode (missing header, truncated or another format)")
+    text = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(video)], capture_output=True,
+                          text=True, errors="replace").stderr
+    if f"Input #0" not in text:
+        raise UserError(f"{video} is not a video ffmpeg can decode (missing header, truncated or another format)")
+    streams = [line for line in text.splitlines() if re.search(r"Stream #\S+: Video:", line)
+               and "(attached pic)" not in line]
+    if not streams:
+        what = "audio only" if re.search(r"Stream #\S+: Audio:", text) else "no stream at all: zero duration?"
+        raise UserError(f"{video} holds no video stream ({what})")
+    size = re.search(r", (\d+)x(\d+)", streams[0])
+    rate = re.search(r"([\d.]+)k? (?:fps|tbr)", streams[0])
+    duration = re.search(r"Duration: (\d+):(\d+):([\d.]+)", text)
+    seconds = int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3]) if duration else 0.0
+    return {"width": int(size[1]), "height": int(size[2]), "fps": float(rate[1]) if rate else None,
+            "duration": seconds}
+
+
+def detect_borders(video, info):
+    """[w, h, x, y]: the picture inside black letterbox/pillarbox bars, or None when there are none. A row or column
+    is bar when no keyframe ever has two pixels in it brighter than dark grey. (ffmpeg's cropdetect compares a row's
+    mean instead, and so crops into games drawn on black, where a row may hold only a paddle.)"""
+    width, height = info["width"], info["height"]
+    process = subprocess.Popen([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-skip_frame", "nokey",
+                                "-i", str(video), "-map", "0:v:0", "-vf", "format=gray", "-f", "rawvideo", "pipe:1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    brightest = np.zeros((height, width), np.uint8)  # over the keyframes: RAM flat in the video's length
+    while len(frame := process.stdout.read(width * height)) == width * height:
+        np.maximum(brightest, np.frombuffer(frame, np.uint8).reshape(height, width), out=brightest)
+    process.wait()
+    picture = brightest > 40  # luma: black is 16 (video range) or 0
+    rows, cols = np.flatnonzero(picture.sum(1) >= 2), np.flatnonzero(picture.sum(0) >= 2)
+    if len(rows) == 0 or len(cols) == 0:
+        return None
+    x, y = cols[0] // 2 * 2, rows[0] // 2 * 2  # even, for 4:2:0 chroma
+    w, h = (cols[-1] + 2 - x) // 2 * 2, (rows[-1] + 2 - y) // 2 * 2
+    return None if (w, h) == (width, height) else [int(w), int(h), int(x), int(y)]
+
+
+def video_filter(fps, size, fit, crop):
+    """ffmpeg's filter chain from a decoded video to the store's frames, cheapest work first.
+
+    Output frame k must show the source frame nearest to k / fps. ffmpeg's fps filter shows at slot k the last frame
+    whose rounded timestamp is <= k; moving each frame's timestamp to the midpoint between it and the frame before
+    (the first to 0), and rounding up, makes that exactly the nearest frame, for any (variable) rate. The time base is
+    halved first so the midpoints are whole ticks. Frames are dropped before anything is cropped or scaled."""
     width, height = size
-    expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) / source_fps * fps)
-    count, last_time, last_frame, index = 0, None, None, 0
-    with atomic_dir(out) as tmp, open(tmp / FRAMES, "wb") as f, \
-            tqdm(total=expected, unit="frame", desc=f"prepare {video.name}") as bar:
-        def emit_until(time_limit):  # write last_frame for every output time before time_limit
-            nonlocal count
-            while count / fps < time_limit:
-                f.write(last_frame)
-                count += 1
-                bar.update()
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            # Container timestamps where they are sane (variable-rate video), else the nominal rate.
-            time = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
-            if last_time is not None and not time > last_time:
-                time = last_time + 1 / source_fps
-            elif last_time is None:
-                time = 0.0
-            if last_frame is not None:
-                emit_until((last_time + time) / 2)
-            if frame.shape[:2] != (height, width):
-                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
-            last_frame, last_time, index = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB).tobytes(), time, index + 1
-        if last_frame is None:
-            raise UserError(f"no frame could be decoded from {video} (empty or truncated video)")
-        emit_until(last_time + 1 / source_fps)
-        f.flush()
-        write_meta(tmp, source=str(video), fps=fps, height=height, width=width, count=count, episode_starts=[0],
-                   source_fps=source_fps, source_frames=index)
+    chain = ["settb=intb/2", "setpts='if(eq(N,0),0,(PTS+PREV_INPTS)/2-STARTPTS)'",
+             f"fps={fps}:round=up:start_time=0"]
+    if crop:
+        chain.append("crop={}:{}:{}:{}".format(*crop))
+    sar = "if(gt(sar,0),sar,1)"  # display aspect of one pixel (0 when the file does not say: square)
+    if fit == "crop":  # the centred part with the target's aspect
+        chain.append(f"crop=w='min(iw,ih*{width}/{height}/{sar})':h='min(ih,iw*{sar}*{height}/{width})'")
+    if fit == "pad":  # all of it, with black bars
+        chain += [f"scale={width}:{height}:force_original_aspect_ratio=decrease:flags=area",
+                  f"pad={width}:{height}:-1:-1"]
+    else:
+        chain.append(f"scale={width}:{height}:flags=area")
+    return ",".join(chain + ["format=rgb24"])
+
+
+def decode_into(file, video, info, fps, size, fit, crop, bar):
+    """Append `video`'s frames to the open `file` (one ffmpeg process writing raw RGB straight into it, decoding on
+    every core); returns (frames written, source frames decoded). UserError if the video ends early."""
+    before = file.tell()
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "verbose", "-nostats", "-progress", "pipe:2",
+           "-i", str(video), "-map", "0:v:0", "-vf", video_filter(fps, size, fit, crop), "-f", "rawvideo", "pipe:1"]
+    process = subprocess.Popen(cmd, stdout=file, stderr=subprocess.PIPE, text=True, errors="replace")
+    log, source_frames, done = [], 0, 0
+    for line in process.stderr:
+        if progress := re.fullmatch(r"frame=(\d+)\n?", line):
+            bar.update(int(progress[1]) - done)
+            done = int(progress[1])
+        elif found := re.search(r"Parsed_fps_\d+ @ \S+\] (\d+) frames in", line):
+            source_frames += int(found[1])
+        elif not re.match(r"\w+=", line):
+            log = (log + [line.strip()])[-20:]
+    if process.wait() != 0:
+        raise UserError(f"ffmpeg could not decode {video}: {first_line(log[-1] if log else 'no message')}")
+    file.seek(0, os.SEEK_END)
+    count, rest = divmod(file.tell() - before, size[0] * size[1] * 3)
+    if rest or count == 0:
+        raise UserError(f"no frame could be decoded from {video} (empty or damaged video)")
+    # A truncated file decodes without error up to the damage: refuse it rather than store part of it unnoticed.
+    if count / fps < info["duration"] * 0.95 - 1:
+        raise UserError(f"{video} ends after {source_frames} frames ({count / fps:.1f} s) of its {info['duration']:.1f} s "
+                        f"(truncated or damaged; download it again)")
+    return count, source_frames
+
+
+def prepare(videos, out, fps=12.0, size=(320, 180), fit="crop", crop=None):
+    """Decode videos (a path, or a list of paths: files or folders of videos) into one frame store at `out`, each
+    video an episode, resampled to `fps` and resized to `size` (W, H) in ffmpeg.
+
+    Output frame k of a video shows its source frame nearest to k / fps, so any source rate works (29.97, variable,
+    or lower than `fps`). `fit`: what to do when the aspect differs from the target's (crop the centre, pad with
+    black, stretch); `crop="auto"` first removes black letterbox/pillarbox bars. Frames stream from ffmpeg to disk:
+    RAM does not grow with the videos' length.
+    """
+    if fit not in FITS:
+        raise UserError(f"--fit must be one of {', '.join(FITS)}, not {fit!r}")
+    if crop not in (None, "auto"):
+        raise UserError(f"--crop must be auto (or left out), not {crop!r}")
+    paths = [videos] if isinstance(videos, (str, Path)) else list(videos)
+    videos = [video for path in paths for video in list_videos(path)]
+    infos = [probe(v) for v in videos]
+    width, height = size
+    parts, episode_starts, count = [], [], 0
+    with atomic_dir(out) as tmp, open(tmp / FRAMES, "wb") as file, \
+            tqdm(total=round(sum(i["duration"] for i in infos) * fps), unit="frame", desc="prepare") as bar:
+        for video, info in zip(videos, infos):
+            borders = detect_borders(video, info) if crop == "auto" else None
+            frames, source_frames = decode_into(file, video, info, fps, size, fit, borders, bar)
+            episode_starts.append(count)
+            count += frames
+            parts.append({"path": str(video.resolve()), "width": info["width"], "height": info["height"],
+                          "fps": info["fps"], "duration": info["duration"], "source_frames": source_frames,
+                          "frames": frames, "crop": borders})
+        file.flush()
+        write_meta(tmp, source=" ".join(map(str, paths)), fps=fps, height=height,
+                   width=width, count=count, episode_starts=episode_starts, fit=fit, crop=crop, videos=parts)
     return FrameStore(out)
 
 
@@ -249,14 +352,18 @@ def require_size(store, width, height):
 
 
 def open_frames(data, fps=12.0, size=(320, 180)):
-    """A training script's DATA: a store folder, or a video prepared on first use into <video>_<fps>fps_<W>x<H>/."""
+    """A training script's DATA: a store folder, or a video or a folder of videos, prepared on first use into
+    <data>_<fps>fps_<W>x<H>/ beside it (again when the videos in the folder change)."""
     data = Path(data)
-    if data.is_dir():
+    if (data / META).is_file():
         return FrameStore(data)
-    cached = data.parent / f"{data.stem}_{fps:g}fps_{size[0]}x{size[1]}"
+    videos = [str(v.resolve()) for v in list_videos(data)]
+    cached = data.parent / f"{data.stem if data.is_file() else data.name}_{fps:g}fps_{size[0]}x{size[1]}"
     if cached.is_dir():
         try:
-            return FrameStore(cached)
+            store = FrameStore(cached)
+            if [v["path"] for v in store.meta.get("videos", [])] == videos:
+                return store
         except UserError:  # an unusable cache is rebuilt rather than trusted
             pass
     return prepare(data, cached, fps, size)
@@ -419,7 +526,8 @@ def held_out(key, fraction):
 
 def split_episodes(store, split, fraction=0.1):
     """Frame ranges of `split` ('train', 'val' or 'all'). Procgen stores split by level, so held-out levels are never
-    seen in training; other stores by episode; a single long video by time (its last `fraction` is held out)."""
+    seen in training; other stores by episode (a store of several videos: whole videos, at least one); a single
+    long video by time (its last `fraction` is held out)."""
     episodes = store.episodes()
     if split == "all":
         return episodes
@@ -428,8 +536,10 @@ def split_episodes(store, split, fraction=0.1):
         cut = start + round((end - start) * (1 - fraction))
         return [(start, cut)] if split == "train" else [(cut, end)]
     keys = store.levels if store.levels is not None else range(len(episodes))
-    want_val = split == "val"
-    return [ep for ep, key in zip(episodes, keys) if held_out(key, fraction) == want_val]
+    val = [held_out(key, fraction) for key in keys]
+    if not any(val) and store.levels is None:  # a few videos: the hash may pick none, and validation needs one
+        val[-1] = True
+    return [ep for ep, is_val in zip(episodes, val) if is_val == (split == "val")]
 
 
 def spread_frames(store, split, count):
@@ -477,6 +587,11 @@ def describe(store):
     else:
         lines.append(f"frames      {store.count} x (3, {store.height}, {store.width}) uint8 = "
                      f"{store.count * store.height * store.width * 3 / 2**30:.2f} GiB")
+    for video in store.meta.get("videos") or []:
+        crop = "bars cropped to {}x{} at {},{}; ".format(*video["crop"]) if video["crop"] else ""
+        lines.append(f"video       {Path(video['path']).name}: {video['width']}x{video['height']} at "
+                     f"{video['fps'] or 0:g} fps, {video['duration']:.1f} s, {video['source_frames']} frames decoded "
+                     f"-> {video['frames']} ({crop}fit {store.meta['fit']})")
     lines += [f"fps         {store.fps:g} ({store.count / store.fps / 3600:.2f} h)",
               f"episodes    {len(lengths)}, length min/mean/max {lengths.min()}/{lengths.mean():.1f}/{lengths.max()}"]
     if store.levels is not None:
@@ -495,11 +610,17 @@ def main():
     parser = argparse.ArgumentParser(description="Frame stores: make one from a video, describe one, preview one, "
                                                  "encode one into a latent store.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="decode a video into a frame store (resampled by timestamp, resized)")
-    p.add_argument("video", help="a video file OpenCV can read (mp4, webm, mkv, avi)")
+    p = sub.add_parser("prepare", help="decode videos into one frame store (resampled by timestamp, resized, one "
+                                       "episode per video), in ffmpeg")
+    p.add_argument("videos", nargs="+", metavar="VIDEO",
+                   help="video files (mp4, webm, mkv, mov, ...) or folders of them; each video becomes an episode")
     p.add_argument("--fps", type=positive(float), default=12.0, help="frames per second of the store (default 12)")
     p.add_argument("--size", default="320x180", help="WIDTHxHEIGHT of the stored frames (default 320x180)")
-    p.add_argument("--out", help="store folder (default: beside the video, <name>_<fps>fps_<W>x<H>)")
+    p.add_argument("--fit", default="crop", help="a source of another aspect ratio: crop its centre (default), pad "
+                                                 "it with black bars, or stretch it")
+    p.add_argument("--crop", help="auto: first remove black letterbox/pillarbox bars (found by ffmpeg's cropdetect)")
+    p.add_argument("--out", help="store folder (default: beside the video or folder, <name>_<fps>fps_<W>x<H>; "
+                                 "required for several)")
     p = sub.add_parser("info", help="print what a store holds")
     p.add_argument("store", help="a frame store or latent store folder")
     p = sub.add_parser("preview", help="write a stretch of a store as an mp4 and a gif to look at")
@@ -518,9 +639,12 @@ def main():
 
     if args.command == "prepare":
         size = parse_size(args.size)
-        video = Path(args.video)
-        out = args.out or video.parent / f"{video.stem}_{args.fps:g}fps_{size[0]}x{size[1]}"
-        print(describe(prepare(video, out, args.fps, size)))
+        if args.out is None and len(args.videos) > 1:
+            raise UserError("give --out: the store that several videos go into")
+        source = Path(args.videos[0])
+        name = source.stem if source.is_file() else source.name
+        out = args.out or source.parent / f"{name}_{args.fps:g}fps_{size[0]}x{size[1]}"
+        print(describe(prepare(args.videos, out, args.fps, size, args.fit, args.crop)))
     elif args.command == "info":
         print(describe(open_store(args.store)))
     elif args.command == "preview":

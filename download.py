@@ -1,11 +1,14 @@
 """Get training data: gameplay videos through yt-dlp, or game frames with their true actions from procgen or ALE.
 
   python download.py https://www.youtube.com/watch?v=z8r255LoVJc             # -> videos/z8r255LoVJc.mp4 (Celeste)
+  python download.py "https://www.youtube.com/playlist?list=PL..."          # -> videos/PL.../001_<id>.mp4, ...
   python download.py clip.mp4 file:///abs/path/other.mp4                     # local files take the same yt-dlp path
   python download.py procgen:coinrun --frames 1000000 --out videos/coinrun   # 64x64 frames + actions + levels
   python download.py ale:breakout --frames 100000 --out videos/breakout      # 210x160 Atari frames + actions
 
-Videos: a rerun skips a complete file and resumes a partial one (yt-dlp's .part files).
+Videos: the smallest stream with at least twice the rows of the training size (--size, default 320x180: 360 rows)
+is downloaded, or the largest up to --max_height. A playlist or channel goes into one folder, which `dataset.py
+prepare` turns into one store. A rerun skips complete files and resumes partial ones (yt-dlp's .part files).
 Games: the store (see dataset.py) gets the true action of every step, the episode starts and, for procgen, the level
 of each episode. The models never see the actions; evaluate.py uses them to check what the latent actions learned.
 The behaviour policy holds each action for a random 1..--max_hold steps and favours the moves that matter (see
@@ -23,7 +26,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from dataset import ACTIONS, FrameStore, FrameWriter, describe, write_meta
+from dataset import ACTIONS, VIDEO_SUFFIXES, FrameStore, FrameWriter, describe, probe, write_meta
 from utils import UserError, atomic_dir, first_line, parse_size, positive, run_cli
 
 
@@ -155,7 +158,10 @@ def collect_ale(game, out, frames, num_envs, seed, size, max_hold):
 # ----------------------------------------------------------------------------- videos
 
 class _YtdlpLog:
-    """yt-dlp's messages, minus its ERROR lines: run_cli reports the failure once, in one line."""
+    """yt-dlp's messages, its ERROR lines kept aside: run_cli reports a failure once, in one line."""
+
+    def __init__(self):
+        self.errors = []
 
     def debug(self, msg):
         if not msg.startswith("[debug]"):
@@ -167,11 +173,23 @@ class _YtdlpLog:
         print(msg, file=sys.stderr)
 
     def error(self, msg):
-        pass
+        self.errors.append(first_line(re.sub(r"\x1b\[[0-9;]*m|^ERROR: ", "", msg)))
 
 
-def download_video(source, out):
-    """Download one URL (or local file, through yt-dlp's file:// support) to out/<id>.<ext>; returns the path."""
+def video_format(min_height, max_height=None):
+    """yt-dlp's format selection and sorting: the smallest video stream at least `min_height` rows (area downsampling
+    to the training size wants about twice its rows), else the largest there is; with `max_height`, the largest
+    up to it. Video only where the site offers it (the footage is all we train on)."""
+    if max_height:
+        return f"bv*[height<=?{max_height}]/b[height<=?{max_height}]/bv*/b", [f"res:{max_height}"]
+    # res:N prefers the largest up to N, else the smallest above: among streams of min_height or more, the smallest.
+    return f"bv*[height>=?{min_height}]/b[height>=?{min_height}]/bv*/b", [f"res:{min_height}"]
+
+
+def download_videos(source, out, min_height=360, max_height=None):
+    """Download one URL, playlist or channel (or a local file, through yt-dlp's file:// support) into `out`:
+    a video to out/<id>.<ext>, a playlist's videos to out/<playlist id>/<index>_<id>.<ext> (one folder, ready for
+    `dataset.py prepare`). A rerun skips complete files and resumes partial ones. Returns the paths."""
     import imageio_ffmpeg
     import yt_dlp
     if "://" not in source:
@@ -180,9 +198,8 @@ def download_video(source, out):
         path = Path(url2pathname(urlparse(source).path))
         if not path.is_file():
             raise UserError(f"{path} does not exist")
-        if path.stat().st_size == 0:
-            raise UserError(f"{path} is empty")
-        check_video(path)
+        if path.suffix.lower() in VIDEO_SUFFIXES:  # else a playlist (xspf, html, rss) for yt-dlp to read
+            probe(path)
     bar = tqdm(unit="B", unit_scale=True, desc="download")
 
     def progress(d):
@@ -190,42 +207,46 @@ def download_video(source, out):
         bar.n = d.get("downloaded_bytes") or bar.n
         bar.refresh()
 
+    video_format_spec, format_sort = video_format(min_height, max_height)
+    log = _YtdlpLog()
     options = {
         "outtmpl": str(Path(out) / "%(id)s.%(ext)s"),
-        "format": "bv*[ext=mp4][height<=?1080]/b[ext=mp4]/bv*/b",  # video only: the footage is all we train on
+        "format": video_format_spec,
+        "format_sort": format_sort,
         "merge_output_format": "mp4",
         "ffmpeg_location": imageio_ffmpeg.get_ffmpeg_exe(),
         "enable_file_urls": True,
         "continuedl": True,  # resume a partial .part file
-        "noplaylist": True,
+        "ignoreerrors": "only_download",  # one bad video of a playlist does not stop the others
         "noprogress": True,
         "progress_hooks": [progress],
-        "logger": _YtdlpLog(),
+        "logger": log,
         "retries": 3,
     }
     try:
         with yt_dlp.YoutubeDL(options) as ydl:
-            info = ydl.extract_info(source, download=True)
-            path = Path(info["requested_downloads"][0]["filepath"])
+            info = ydl.extract_info(source, download=False, process=False)
+            if info is not None and info.get("_type") in ("playlist", "multi_video"):
+                folder = Path(out) / yt_dlp.utils.sanitize_filename(str(info.get("id") or "playlist"))
+                ydl.params["outtmpl"]["default"] = str(folder / "%(playlist_index)03d_%(id)s.%(ext)s")
+            info = ydl.process_ie_result(info, download=True) if info is not None else None
     except yt_dlp.utils.YoutubeDLError as e:
         message = first_line(re.sub(r"\x1b\[[0-9;]*m|^ERROR: ", "", str(e)))
         raise UserError(f"could not download {source}: {message}") from None
     finally:
         bar.close()
-    try:
-        check_video(path)
-    except UserError:
-        path.unlink()
-        raise
-    return path
-
-
-def check_video(path):
-    capture = cv2.VideoCapture(str(path))
-    ok = capture.isOpened() and capture.read()[0]
-    capture.release()
-    if not ok:
-        raise UserError(f"{path} is not a video OpenCV can decode (missing header, truncated or another format)")
+    entries = [info] if info is not None and "entries" not in info else [e for e in (info or {}).get("entries") or []]
+    paths = [Path(d["filepath"]) for e in entries if e for d in e.get("requested_downloads", [])]
+    for path in paths:
+        try:
+            probe(path)
+        except UserError:
+            path.unlink()
+            raise
+    if log.errors or not paths:
+        done = f" ({len(paths)} other videos saved; rerun to retry)" if paths else ""
+        raise UserError(f"could not download {source}: {log.errors[0] if log.errors else 'no video found'}{done}")
+    return paths
 
 
 # ----------------------------------------------------------------------------- command line
@@ -246,7 +267,11 @@ def main():
     parser.add_argument("--distribution_mode", default="hard", choices=["easy", "hard", "extreme", "memory", "exploration"],
                         help="procgen: level difficulty (default hard)")
     parser.add_argument("--size", help="games: WIDTHxHEIGHT of stored frames (default native: procgen 64x64, "
-                                       "Atari 160x210); procgen renders other sizes from 512x512, ~100x slower")
+                                       "Atari 160x210; procgen renders other sizes from 512x512, ~100x slower). "
+                                       "videos: the size you will train at (default 320x180): the smallest stream "
+                                       "of at least twice its rows is downloaded")
+    parser.add_argument("--max_height", type=positive(int),
+                        help="videos: download the largest stream up to this many rows instead")
     parser.add_argument("--max_hold", type=positive(int), default=12, help="games: longest an action is held")
     parser.add_argument("--seed", type=int, default=0, help="games: seed of the environments and the policy")
     parser.add_argument("--overwrite", action="store_true", help="games: replace an existing store at --out")
@@ -268,8 +293,11 @@ def main():
             collect_ale(game, out, args.frames, args.num_envs, args.seed, size, args.max_hold)
         print(describe(FrameStore(out)))
     else:
+        min_height = 2 * parse_size(args.size or "320x180")[1]
         for source in args.sources:
-            print(f"saved {download_video(source, args.out or 'videos')}")
+            paths = download_videos(source, args.out or "videos", min_height, args.max_height)
+            where = paths[0] if len(paths) == 1 else f"{len(paths)} videos in {paths[0].parent}/"
+            print(f"saved {where}")
 
 
 if __name__ == "__main__":
