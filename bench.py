@@ -411,7 +411,8 @@ def encode_video(path, frames, size, fps, audio=False, times=None):
     if audio:
         command += ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-shortest", "-c:a", "aac"]
     if times:
-        command += ["-vf", f"settb=1/90000,setpts='({times})/TB'", "-fps_mode", "passthrough"]
+        command += ["-vf", f"settb=1/90000,setpts='({times})/TB'", "-fps_mode", "passthrough", "-enc_time_base",
+                    "1/90000"]
     command += ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p", "-movflags",
                 "+faststart", str(path)]
     encoder = subprocess.Popen(command, stdin=subprocess.PIPE)

@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -263,9 +264,11 @@ def video_filter(fps, size, fit, crop):
     Output frame k must show the source frame nearest to k / fps. ffmpeg's fps filter shows at slot k the last frame
     whose rounded timestamp is <= k; moving each frame's timestamp to the midpoint between it and the frame before
     (the first to 0), and rounding up, makes that exactly the nearest frame, for any (variable) rate. The time base is
-    halved first so the midpoints are whole ticks. Frames are dropped before anything is cropped or scaled."""
+    halved first so the midpoints are whole ticks. The last frame would end halfway through its duration, so two
+    copies of it follow (decode_into cuts the store at the video's true end). Frames are dropped before anything
+    is cropped or scaled."""
     width, height = size
-    chain = ["settb=intb/2", "setpts='if(eq(N,0),0,(PTS+PREV_INPTS)/2-STARTPTS)'",
+    chain = ["tpad=stop=2:stop_mode=clone", "settb=intb/2", "setpts='if(eq(N,0),0,(PTS+PREV_INPTS)/2-STARTPTS)'",
              f"fps={fps}:round=up:start_time=0"]
     if crop:
         chain.append("crop={}:{}:{}:{}".format(*crop))
@@ -280,32 +283,50 @@ def video_filter(fps, size, fit, crop):
     return ",".join(chain + ["format=rgb24"])
 
 
+def frame_count(video, fps):
+    """(frames the store gets, frames the video has): every output time k / fps before the end of the video's last
+    frame (its timestamp plus its duration, from the container's packets, read without decoding)."""
+    lines = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(video), "-map",
+                            "0:v:0", "-c", "copy", "-f", "framecrc", "-"], capture_output=True, text=True).stdout
+    time_base = Fraction(re.search(r"#tb 0: (\d+/\d+)", lines)[1]) if "#tb 0:" in lines else None
+    packets = [line.split(",") for line in lines.splitlines() if line and not line.startswith("#")]
+    if time_base is None or not packets:
+        return 0, 0
+    pts = [int(p[2]) for p in packets]
+    end = (max(pts) - min(pts) + max(int(packets[pts.index(max(pts))][3]), 1)) * time_base
+    return math.ceil(end * Fraction(fps).limit_denominator(1001000)), len(packets)
+
+
 def decode_into(file, video, info, fps, size, fit, crop, bar):
     """Append `video`'s frames to the open `file` (one ffmpeg process writing raw RGB straight into it, decoding on
-    every core); returns (frames written, source frames decoded). UserError if the video ends early."""
-    before = file.tell()
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "verbose", "-nostats", "-progress", "pipe:2",
-           "-i", str(video), "-map", "0:v:0", "-vf", video_filter(fps, size, fit, crop), "-f", "rawvideo", "pipe:1"]
+    every core); returns (frames written, source frames). UserError if the video ends early."""
+    frame_bytes, before = size[0] * size[1] * 3, file.tell()
+    expected, source_frames = frame_count(video, fps)
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-nostats", "-progress", "pipe:2", "-i",
+           str(video), "-map", "0:v:0", "-vf", video_filter(fps, size, fit, crop), "-f", "rawvideo", "pipe:1"]
     process = subprocess.Popen(cmd, stdout=file, stderr=subprocess.PIPE, text=True, errors="replace")
-    log, source_frames, done = [], 0, 0
+    log, done = [], 0
     for line in process.stderr:
         if progress := re.fullmatch(r"frame=(\d+)\n?", line):
             bar.update(int(progress[1]) - done)
             done = int(progress[1])
-        elif found := re.search(r"Parsed_fps_\d+ @ \S+\] (\d+) frames in", line):
-            source_frames += int(found[1])
         elif not re.match(r"\w+=", line):
             log = (log + [line.strip()])[-20:]
     if process.wait() != 0:
         raise UserError(f"ffmpeg could not decode {video}: {first_line(log[-1] if log else 'no message')}")
     file.seek(0, os.SEEK_END)
-    count, rest = divmod(file.tell() - before, size[0] * size[1] * 3)
+    count, rest = divmod(file.tell() - before, frame_bytes)
     if rest or count == 0:
         raise UserError(f"no frame could be decoded from {video} (empty or damaged video)")
     # A truncated file decodes without error up to the damage: refuse it rather than store part of it unnoticed.
-    if count / fps < info["duration"] * 0.95 - 1:
-        raise UserError(f"{video} ends after {source_frames} frames ({count / fps:.1f} s) of its {info['duration']:.1f} s "
-                        f"(truncated or damaged; download it again)")
+    if count / fps < 0.98 * info["duration"] - 2 / fps - 1 / (info["fps"] or fps):
+        raise UserError(f"{video} ends after {count / fps:.1f} s of its {info['duration']:.1f} s ({count} frames at "
+                        f"{fps:g} fps; truncated or damaged: download it again)")
+    if count > expected > 0:  # the copies of the last frame that run past the video's end
+        file.truncate(before + expected * frame_bytes)
+        file.seek(0, os.SEEK_END)
+        bar.update(expected - count)
+        count = expected
     return count, source_frames
 
 
@@ -327,7 +348,7 @@ def prepare(videos, out, fps=12.0, size=(320, 180), fit="crop", crop=None):
     infos = [probe(v) for v in videos]
     width, height = size
     parts, episode_starts, count = [], [], 0
-    with atomic_dir(out) as tmp, open(tmp / FRAMES, "wb") as file, \
+    with atomic_dir(out) as tmp, open(tmp / FRAMES, "wb+", buffering=0) as file, \
             tqdm(total=round(sum(i["duration"] for i in infos) * fps), unit="frame", desc="prepare") as bar:
         for video, info in zip(videos, infos):
             borders = detect_borders(video, info) if crop == "auto" else None

@@ -57,15 +57,21 @@ def read_video(path):
 
 
 @pytest.fixture(scope="session")
-def coinrun_video(tmp_path_factory):
-    """2.5 s of CoinRun gameplay rendered by procgen at 320x180 (75 frames), written as a real mp4 at 30 fps."""
+def wide_frames(tmp_path_factory):
+    """75 frames of CoinRun gameplay rendered by procgen at 320x180: (75, 180, 320, 3) uint8."""
     from dataset import FrameStore
     out = tmp_path_factory.mktemp("data") / "coinrun_320x180"
     result = run("download.py", "procgen:coinrun", "--frames", 75, "--num_envs", 1, "--size", "320x180", "--out", out)
     assert result.returncode == 0, result.stderr
     frames = np.array(FrameStore(out).frames)
     assert frames.shape == (75, 180, 320, 3)
-    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames, 30)
+    return frames
+
+
+@pytest.fixture(scope="session")
+def coinrun_video(wide_frames, tmp_path_factory):
+    """2.5 s of CoinRun gameplay at 320x180 (75 frames), written by OpenCV as a real mp4 at 30 fps."""
+    return write_video(tmp_path_factory.mktemp("video") / "clip.mp4", wide_frames, 30)
 
 
 @pytest.fixture(scope="session")
