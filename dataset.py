@@ -283,17 +283,23 @@ def video_filter(fps, size, fit, crop):
     return ",".join(chain + ["format=rgb24"])
 
 
-def frame_count(video, fps):
-    """(frames the store gets, frames the video has): every output time k / fps before the end of the video's last
-    frame (its timestamp plus its duration, from the container's packets, read without decoding)."""
-    lines = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(video), "-map",
-                            "0:v:0", "-c", "copy", "-f", "framecrc", "-"], capture_output=True, text=True).stdout
-    time_base = Fraction(re.search(r"#tb 0: (\d+/\d+)", lines)[1]) if "#tb 0:" in lines else None
+def count_packets(video, listing):
+    """Start listing the video's packets (timestamp, duration) into the file `listing`, reading without decoding;
+    frame_count reads it once the process ends."""
+    return subprocess.Popen([ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(video),
+                             "-map", "0:v:0", "-c", "copy", "-f", "framecrc", str(listing)])
+
+
+def frame_count(listing, fps):
+    """(frames the store gets, frames the video has) from count_packets' listing: every output time k / fps before
+    the end of the video's last frame (its timestamp plus its duration)."""
+    lines = Path(listing).read_text() if Path(listing).is_file() else ""
+    time_base = re.search(r"#tb 0: (\d+/\d+)", lines)
     packets = [line.split(",") for line in lines.splitlines() if line and not line.startswith("#")]
     if time_base is None or not packets:
         return 0, 0
     pts = [int(p[2]) for p in packets]
-    end = (max(pts) - min(pts) + max(int(packets[pts.index(max(pts))][3]), 1)) * time_base
+    end = (max(pts) - min(pts) + max(int(packets[pts.index(max(pts))][3]), 1)) * Fraction(time_base[1])
     return math.ceil(end * Fraction(fps).limit_denominator(1001000)), len(packets)
 
 
@@ -301,7 +307,8 @@ def decode_into(file, video, info, fps, size, fit, crop, bar):
     """Append `video`'s frames to the open `file` (one ffmpeg process writing raw RGB straight into it, decoding on
     every core); returns (frames written, source frames). UserError if the video ends early."""
     frame_bytes, before = size[0] * size[1] * 3, file.tell()
-    expected, source_frames = frame_count(video, fps)
+    listing = Path(file.name).with_name("packets.txt")
+    counter = count_packets(video, listing)  # alongside the decoding: it reads the file, the decoder computes
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-nostats", "-progress", "pipe:2", "-i",
            str(video), "-map", "0:v:0", "-vf", video_filter(fps, size, fit, crop), "-f", "rawvideo", "pipe:1"]
     process = subprocess.Popen(cmd, stdout=file, stderr=subprocess.PIPE, text=True, errors="replace")
@@ -314,6 +321,9 @@ def decode_into(file, video, info, fps, size, fit, crop, bar):
             log = (log + [line.strip()])[-20:]
     if process.wait() != 0:
         raise UserError(f"ffmpeg could not decode {video}: {first_line(log[-1] if log else 'no message')}")
+    counter.wait()
+    expected, source_frames = frame_count(listing, fps)
+    listing.unlink(missing_ok=True)
     file.seek(0, os.SEEK_END)
     count, rest = divmod(file.tell() - before, frame_bytes)
     if rest or count == 0:
