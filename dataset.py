@@ -208,7 +208,8 @@ def list_videos(path):
     if path.is_dir():
         videos = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
         if not videos:
-            raise UserError(f"{path} is a folder, and it holds no video ({', '.join(sorted(VIDEO_SUFFIXES))})")
+            raise UserError(f"{path} is a folder with no video in it ({', '.join(sorted(VIDEO_SUFFIXES))}) and no "
+                            f"{META} (not a store)")
         return videos
     if not path.is_file():
         raise UserError(f"video {path} does not exist")

@@ -1,5 +1,5 @@
-"""bench.py train, play and memory: every model's training step is timed and its FLOPs counted, the Genie world plays,
-and a step's memory is estimated and planned for a card."""
+"""bench.py train, play, memory and prepare: every model's training step is timed and its FLOPs counted, the Genie
+world plays, a step's memory is estimated and planned for a card, and prepare is timed next to ffmpeg."""
 import json
 
 import pytest
@@ -73,3 +73,16 @@ def test_bench_data_compares_the_loader_with_a_gpu_step(coinrun, tmp_path):
     assert figures["loader_ratio"] == pytest.approx(figures["loader_samples_per_s"] / figures["gpu_samples_per_s"])
     assert_user_error(run("bench.py", "data", coinrun, "--model", "dit", "--preset", "tiny"),
                       "the dit trains on a latent store")
+
+
+def test_bench_prepare_times_prepare_next_to_ffmpeg(wide_frames, tmp_path):
+    from bench import encode_video
+    encode_video(tmp_path / "clip.mp4", wide_frames, (320, 180), 30, audio=True)
+    result = run("bench.py", "prepare", tmp_path / "clip.mp4", "--size", "160x90", "--runs", 1,
+                 "--json", tmp_path / "prepare.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "prepare.json").read_text())
+    assert figures["frames"] == 30 and figures["source"]["width"] == 320 and figures["source"]["fps"] == 30
+    assert figures["prepare_frames_per_s"] > 0 and figures["ffmpeg_frames_per_s"] > 0 and figures["peak_rss_mb"] > 0
+    assert figures["ratio"] == pytest.approx(figures["prepare_frames_per_s"] / figures["ffmpeg_frames_per_s"])
+    assert not [p for p in tmp_path.iterdir() if p.name != "clip.mp4" and p.name != "prepare.json"]

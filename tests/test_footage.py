@@ -184,7 +184,7 @@ def bad_videos(wide_frames, tmp_path):
     (["audio_only.mp4", "--out", "store"], "holds no video stream (audio only)"),
     (["zero_duration.mp4", "--out", "store"], "holds no video stream"),
     (["truncated.mp4", "--out", "store"], "truncated.mp4 ends after"),
-    (["empty_folder", "--out", "store"], "empty_folder is a folder, and it holds no video"),
+    (["empty_folder", "--out", "store"], "empty_folder is a folder with no video in it"),
     (["whole.mp4", "--fit", "squash", "--out", "store"], "--fit must be one of crop, pad, stretch"),
     (["whole.mp4", "--crop", "yes", "--out", "store"], "--crop must be auto"),
     (["whole.mp4", "empty_folder"], "give --out"),
@@ -197,4 +197,4 @@ def test_prepare_refuses_bad_videos(bad_videos, args, message):
 
 def test_a_training_script_given_a_folder_without_videos(bad_videos):
     assert_user_error(run("train_vae.py", bad_videos / "empty_folder", "--preset", "tiny", "--steps", 1),
-                      "empty_folder is a folder, and it holds no video")
+                      "empty_folder is a folder with no video in it")
