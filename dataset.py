@@ -223,7 +223,7 @@ def probe(video):
         raise UserError(f"video {video} is empty")
     text = subprocess.run([ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(video)], capture_output=True,
                           text=True, errors="replace").stderr
-    if f"Input #0" not in text:
+    if "Input #0" not in text:
         raise UserError(f"{video} is not a video ffmpeg can decode (missing header, truncated or another format)")
     streams = [line for line in text.splitlines() if re.search(r"Stream #\S+: Video:", line)
                and "(attached pic)" not in line]
@@ -231,7 +231,7 @@ def probe(video):
         what = "audio only" if re.search(r"Stream #\S+: Audio:", text) else "no stream at all: zero duration?"
         raise UserError(f"{video} holds no video stream ({what})")
     size = re.search(r", (\d+)x(\d+)", streams[0])
-    rate = re.search(r"([\d.]+)k? (?:fps|tbr)", streams[0])
+    rate = re.search(r"([\d.]+) (?:fps|tbr)", streams[0])
     duration = re.search(r"Duration: (\d+):(\d+):([\d.]+)", text)
     seconds = int(duration[1]) * 3600 + int(duration[2]) * 60 + float(duration[3]) if duration else 0.0
     return {"width": int(size[1]), "height": int(size[2]), "fps": float(rate[1]) if rate else None,
