@@ -22,6 +22,11 @@ Why a LAM collapses, and what this one does against it (each measure is a config
   - `usage_weight`: KL(batch-average soft assignment || uniform), the soft assignment being the softmax of the cosine
     similarities to the codes / `temperature`. It is differentiable where the argmax of VQ is not, so it pulls the
     encoder outputs apart before a code dies rather than after.
+  - `batch_norm`: when transitions look alike, the encoder's codes share a large common part and differ by little;
+    by cosine similarity they all land on one or two codes, and the usage term, which then sees near-uniform soft
+    assignments, is already satisfied (about 1e-6 at Breakout's collapse). Centring and scaling each code dimension
+    over the batch (BatchNorm without a learned scale or shift; its running statistics at inference) removes the
+    common part, so the quantiser compares what differs. The statistics are those of each process's micro-batch.
   - `motion_weight`: the squared error of a pixel is weighted by 1 + motion_weight * |x_{t+1} - x_t|. Static
     background dominates a plain MSE and needs no action; motion is exactly what the action must explain.
 """
@@ -52,6 +57,7 @@ class LAMConfig:
     context_mask: float = 0.5   # fraction of the decoder's past patch tokens hidden in training; 0 = off
     usage_weight: float = 0.1   # weight of KL(batch code distribution || uniform); 0 = off
     temperature: float = 0.1    # of the soft assignment used by the usage term
+    batch_norm: bool = True     # centre and scale the code per dimension over the batch before quantising
     motion_weight: float = 4.0  # extra reconstruction weight on pixels that change; 0 = plain MSE
     pool: str = "attn"          # frame t+1's patch features -> action code: attn (learned scores) or mean
 
@@ -83,6 +89,9 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         self.encoder = STTransformer(c.dim, c.depth, c.heads, g, g)
         self.pool_score = nn.Linear(c.dim, 1) if c.pool == "attn" else None
         self.to_code = nn.Linear(c.dim, c.code_dim)
+        # batch_norm's running statistics, for inference (kept whether it is on or not: one state dict)
+        self.register_buffer("code_mean", torch.zeros(c.code_dim))
+        self.register_buffer("code_var", torch.ones(c.code_dim))
         # The VQ's dead_after counts steps; 0 (off) becomes "never", a count no run reaches.
         self.vq = VectorQuantizer(c.num_actions, c.code_dim, c.commitment, c.dead_after or 2 ** 62)
         self.dec_embed = nn.Linear(pixels, c.dim)
@@ -102,8 +111,12 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         x = self.enc_embed(self.patchify(frames))  # (B, T, N, D)
         x = self.encoder(x, self.enc_cond.expand(b, t, -1))[:, 1:]  # (B, T - 1, N, D): frame t+1's, seeing the past
         if self.pool_score is None:
-            return self.to_code(x.mean(2))
-        return self.to_code((F.softmax(self.pool_score(x), dim=2) * x).sum(2))  # (B, T - 1, C)
+            z = self.to_code(x.mean(2))
+        else:
+            z = self.to_code((F.softmax(self.pool_score(x), dim=2) * x).sum(2))  # (B, T - 1, C)
+        if not self.config.batch_norm:
+            return z
+        return F.batch_norm(z.flatten(0, 1), self.code_mean, self.code_var, training=self.training).view_as(z)
 
     def action_embedding(self, actions):  # (...) int64 -> (..., D), the decoder's condition for those actions
         return self.action_embed(self.vq.lookup(actions))

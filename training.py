@@ -638,6 +638,10 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
     model.eval()
     final = run.ema if run.ema is not None else model
     if world > 1:
+        # DDP hands every process rank 0's buffers at each forward; those the last forward updated (a batch norm's
+        # running statistics) differ: rank 0's, as the next forward would have them
+        for buffer in final.buffers():
+            dist.broadcast(buffer, 0)
         same_weights_everywhere(run, final)
     if run.main:
         save_model(final, folder)

@@ -265,6 +265,9 @@ def load_model(cls, folder_or_repo, device="cpu"):
             model = cls.from_pretrained(str(folder_or_repo), map_location=str(device), strict=True)
     except (OSError, ValueError, TypeError, SafetensorError) as e:  # missing, malformed or truncated files
         raise UserError(f"cannot load {cls.__name__} from {folder_or_repo}: {first_line(e)}") from None
+    except RuntimeError as e:  # weights of another architecture
+        raise UserError(f"cannot load {cls.__name__} from {folder_or_repo}: {first_line(e)} (made by another "
+                        f"version of the model? train it again)") from None
     return model.to(device).eval()
 
 

@@ -1,5 +1,6 @@
 """The latent action model: shapes, causality, save/load, and that it tells planted movements apart (not collapsed)."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -113,3 +114,13 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.config == model.config
     frames = torch.rand(3, 5, 3, 64, 64) * 2 - 1
     assert torch.equal(model.infer_actions(frames), loaded.infer_actions(frames))
+
+
+def test_weights_of_another_architecture_are_a_one_line_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from utils import UserError
+    save_model(LatentActionModel(PRESETS["tiny"]), tmp_path / "lam")
+    weights = load_file(tmp_path / "lam" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("code_")}, tmp_path / "lam" / "model.safetensors")
+    with pytest.raises(UserError, match="Missing key.*train it again|train it again"):
+        load_model(LatentActionModel, tmp_path / "lam")
