@@ -11,7 +11,10 @@ t (context_t, slightly noisy) while the new frame is integrated from t = 0 to 1.
 Network: the spatio-temporal transformer of transformer.py (spatial attention over the 220 tokens of a frame with
 2-D RoPE, causal temporal attention per token position with 1-D RoPE computed for any frame index, QK-norm), with
 the flow time as its per-frame adaLN-Zero condition: a frame's t is the same for all its tokens, so it is embedded
-once per frame, not once per token. The output projection starts at zero.
+once per frame, not once per token. The output projection starts at zero. A DiT with num_actions > 0 also adds to
+that condition an embedding of the latent action that led to the frame, or of a learned "no action" (frames whose
+action was dropped in training, and the unconditioned half of classifier-free guidance at sampling); with
+num_actions = 0 it has no such weights and is the unconditioned DiT.
 
 Training options (both off unless asked; see `forward` and `context_forced`):
   self-forcing (the seed's, --self_forcing_p): with probability p a sample's noise endpoint x_0 is replaced by the
@@ -51,6 +54,8 @@ class DiTConfig:
     heads: int = 15
     mlp_ratio: float = 4.0
     latent_scale: float = 1.0  # multiplies the VAE's latents to unit variance; set from the latent store
+    num_actions: int = 0      # latent actions a frame is conditioned on; 0: none (the unconditioned DiT)
+    action_dropout: float = 0.1  # training: share of frames whose action becomes the learned "no action"
 
 
 PRESETS = {
@@ -84,21 +89,43 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         self.transformer = STTransformer(config.dim, config.depth, config.heads, config.rows, config.cols,
                                          config.mlp_ratio)
         self.out = nn.Linear(config.dim, config.latent_dim)
+        # one embedding per latent action and a last one for "no action" (action dropout, unconditioned sampling)
+        self.action_embed = nn.Embedding(config.num_actions + 1, config.dim) if config.num_actions else None
+        if self.action_embed is not None:
+            nn.init.normal_(self.action_embed.weight, std=0.02)
         nn.init.normal_(self.time_embed[0].weight, std=0.02)
         nn.init.normal_(self.time_embed[2].weight, std=0.02)
         nn.init.zeros_(self.out.weight)  # the model starts by predicting zero velocity
         nn.init.zeros_(self.out.bias)
 
-    def velocity(self, x, t, cache=None):
-        """x (B, T, N, C) at flow times t (B, T) -> predicted velocity (B, T, N, C).
+    def velocity(self, x, t, cache=None, actions=None):
+        """x (B, T, N, C) at flow times t (B, T) -> predicted velocity (B, T, N, C). actions (B, T) int64: the latent
+        action that led to each frame (num_actions: none; None: none for every frame), for a model that takes them.
         With a cache (transformer.KVCache), T = 1: the frame after the cached ones."""
         cond = self.time_embed(timestep_embedding(t, 256))  # (B, T, D): once per frame
+        if self.action_embed is not None:
+            cond = cond + self.action_embed(self.no_action(t) if actions is None else actions)
         return self.out(self.transformer(self.embed(x), cond, cache))
 
-    def forward(self, x1, self_forcing_p=0.0, frame_weight=None):
-        """Flow-matching loss of clean scaled latents x1 (B, T, N, C) -> (loss, logs); frame_weight (B, T) weighs each
-        frame's error (default 1: all frames). See the module docstring for self-forcing."""
+    def no_action(self, like):  # (...) filled with the "no action" index, shaped like `like`
+        return torch.full(like.shape, self.config.num_actions, dtype=torch.long, device=like.device)
+
+    def led_to(self, actions):
+        """Actions as a store gives them, (B, T) with actions[:, k] taken at frame k, -> the action that led to each
+        frame (B, T): frame k + 1's is actions[:, k], frame 0's is "no action"."""
+        return torch.cat([self.no_action(actions[:, :1]), actions[:, :-1]], dim=1)
+
+    def forward(self, x1, self_forcing_p=0.0, frame_weight=None, actions=None):
+        """Flow-matching loss of clean scaled latents x1 (B, T, N, C) -> (loss, logs). actions (B, T) int64, as a
+        store gives them (actions[:, k] taken at frame k), for a model that takes them: each frame is conditioned on
+        the one that led to it, replaced by "no action" for a random action_dropout of the frames, so that the same
+        model also runs unconditioned (classifier-free guidance). frame_weight (B, T) weighs each frame's error
+        (default 1: all frames). See the module docstring for self-forcing."""
         b, t_len = x1.shape[:2]
+        if self.action_embed is not None:  # drawn with or without actions: the same seed, the same noise
+            dropped = torch.rand(b, t_len, device=x1.device) < self.config.action_dropout
+            actions = self.no_action(dropped) if actions is None else \
+                torch.where(dropped, self.no_action(dropped), self.led_to(actions))
         x0 = torch.randn_like(x1)
         # The random choices that decide what runs are drawn on the host (Python's RNG, saved in training states):
         # drawn on the GPU, the host would have to wait for them before it could queue the work.
@@ -108,24 +135,29 @@ class DiT(nn.Module, PyTorchModelHubMixin):
                 with torch.no_grad():
                     m = torch.rand(b, t_len, device=x1.device)
                     mid = (1 - m[..., None, None]) * x0 + m[..., None, None] * x1
-                    back = mid - m[..., None, None] * self.velocity(mid, m).to(x1.dtype)
+                    back = mid - m[..., None, None] * self.velocity(mid, m, actions=actions).to(x1.dtype)
                 mask = torch.tensor(chosen).to(x1.device, non_blocking=True)  # (B,)
                 x0 = torch.where(mask[:, None, None, None], back, x0)
         t = torch.rand(b, t_len, device=x1.device)
         xt = (1 - t[..., None, None]) * x0 + t[..., None, None] * x1
-        error = (self.velocity(xt, t).float() - (x1 - x0).float()).pow(2).mean(dim=(2, 3))  # (B, T)
+        error = (self.velocity(xt, t, actions=actions).float() - (x1 - x0).float()).pow(2).mean(dim=(2, 3))  # (B, T)
         frame_weight = x1.new_ones(b, t_len) if frame_weight is None else frame_weight
         loss = (error * frame_weight).sum() / frame_weight.sum()
         return loss, {"flow": loss.detach()}
 
 
-def context_forced(sampler, x1, frames):
+def context_forced(sampler, x1, frames, actions=None):
     """Context forcing: the `frames` frames of each clip x1 (B, T, N, C) after a random real prefix are replaced by
-    the sampler's rollout from that prefix (no gradient through it) -> (x1, frame_weight (B, T)), the weight 0 on
-    the model's own frames, so that the loss is taken on the real frames after them."""
+    the sampler's rollout from that prefix (no gradient through it; under the clip's own actions (B, T), as a store
+    gives them, when the model takes actions) -> (x1, frame_weight (B, T)), the weight 0 on the model's own frames, so
+    that the loss is taken on the real frames after them."""
     b, t_len = x1.shape[:2]
     prefix = random.randrange(1, t_len - frames)  # on the host, as the choices of DiT.forward
-    generated = sampler.rollout(x1[:, :prefix], frames)
+    if actions is not None and sampler.model.action_embed is not None:
+        actions = sampler.model.led_to(actions)[:, :prefix + frames]
+    else:
+        actions = None
+    generated = sampler.rollout(x1[:, :prefix], frames, actions=actions)
     x1 = torch.cat([x1[:, :prefix], generated.to(x1.dtype), x1[:, prefix + frames:]], dim=1)
     frame_weight = x1.new_ones(b, t_len)
     frame_weight[:, prefix:prefix + frames] = 0
@@ -142,12 +174,16 @@ class Sampler:
     seq_len - 1 frames. The cache is made by the first start() and emptied in place by later ones of the same batch
     size, so every continuation runs on the same tensors, as a CUDA graph of the step needs. With cached=False every
     Euler step recomputes the whole window (the reference the cache is tested against).
+
+    A model that takes actions is given, for every frame, the latent action that led to it (num_actions: none).
+    With cfg_scale s != 1 and an action, each Euler step runs the new frame twice, with its action and with none, on
+    the same cache: v = v_none + s * (v_action - v_none), classifier-free guidance.
     """
 
-    def __init__(self, model, steps=10, context_t=0.95, cached=True):
-        self.model, self.steps, self.context_t, self.cached = model, steps, context_t, cached
+    def __init__(self, model, steps=10, context_t=0.95, cached=True, cfg_scale=1.0):
+        self.model, self.steps, self.context_t, self.cached, self.cfg_scale = model, steps, context_t, cached, cfg_scale
         self.window = model.config.seq_len - 1
-        self.cache = self.past = self.last = self.generator = None
+        self.cache = self.past = self.past_actions = self.last = self.last_action = self.generator = None
 
     def noise(self, like):
         return torch.randn(like.shape, device=like.device, generator=self.generator, dtype=like.dtype)
@@ -155,45 +191,66 @@ class Sampler:
     def times(self, value, frames):  # (B, frames) filled with the flow time `value`
         return torch.full((self.past.shape[0], frames), value, device=self.past.device)
 
-    def join(self, frames):
-        """Clean frames (B, F, N, C) join the context at context_t (and the cache, one frame at a time)."""
+    def join(self, frames, actions):
+        """Clean frames (B, F, N, C), led to by actions (B, F), join the context at context_t (and the cache, one
+        frame at a time)."""
         noised = (1 - self.context_t) * self.noise(frames) + self.context_t * frames
         self.past = noised if self.past is None else torch.cat([self.past, noised], dim=1)[:, -self.window:]
+        self.past_actions = actions if self.past_actions is None else \
+            torch.cat([self.past_actions, actions], dim=1)[:, -self.window:]
         for i in range(noised.shape[1] if self.cached else 0):
             # a copy with a step's strides, whatever the number of frames (a slice's stride along B is F times a
             # step's, and .contiguous() keeps it at B = 1), so one compiled step serves both without recompiling
             frame = noised[:, i:i + 1].clone(memory_format=torch.contiguous_format)
-            self.model.velocity(frame, self.times(self.context_t, 1), self.cache)
+            self.model.velocity(frame, self.times(self.context_t, 1), self.cache, actions[:, i:i + 1].contiguous())
             self.cache.commit()
 
-    @torch.no_grad()
-    def start(self, context, generator=None):
-        """Begin a continuation of the clean scaled latents context (B, P, N, C), its noise drawn from `generator`
-        (the global RNG when None). Returns the sampler."""
-        self.generator, self.past, self.last = generator, None, None
-        if self.cached:
-            self.cache = self.model.transformer.new_cache(len(context), self.window, context.device, reuse=self.cache)
-        self.join(context[:, -self.window:])
-        return self
+    def no_action(self, frames):  # (B, frames): "no action" (also for a model that takes none: it ignores them)
+        return torch.full((self.past.shape[0], frames), self.model.config.num_actions, device=self.past.device)
 
     @torch.no_grad()
-    def next_frame(self):
-        """The next frame's clean scaled latents (B, 1, N, C)."""
+    def start(self, context, generator=None, actions=None):
+        """Begin a continuation of the clean scaled latents context (B, P, N, C), led to by actions (B, P) (None: no
+        action), its noise drawn from `generator` (the global RNG when None). Returns the sampler."""
+        self.generator, self.past, self.past_actions, self.last = generator, None, None, None
+        context = context[:, -self.window:]
+        if actions is None:
+            actions = torch.full(context.shape[:2], self.model.config.num_actions, device=context.device)
+        if self.cached:
+            self.cache = self.model.transformer.new_cache(len(context), self.window, context.device, reuse=self.cache)
+        self.join(context, actions[:, -context.shape[1]:])
+        return self
+
+    def velocity(self, x, t, action):
+        """The new frame's velocity (B, 1, N, C) at flow time t, led to by action (B, 1)."""
+        if self.cached:
+            return self.model.velocity(x, self.times(t, 1), self.cache, action)
+        t = torch.cat([self.times(self.context_t, self.past.shape[1]), self.times(t, 1)], dim=1)
+        return self.model.velocity(torch.cat([self.past, x], dim=1), t, actions=torch.cat([self.past_actions, action],
+                                                                                           dim=1))[:, -1:]
+
+    @torch.no_grad()
+    def next_frame(self, action=None):
+        """The next frame's clean scaled latents (B, 1, N, C), led to by action (B,) int64 (None: no action)."""
         if self.last is not None:
-            self.join(self.last)
+            self.join(self.last, self.last_action)
         x = self.noise(self.past[:, :1])  # (B, 1, N, C) at t = 0
+        none = self.no_action(1)
+        guided = action is not None and self.cfg_scale != 1 and self.model.config.num_actions > 0
+        action = none if action is None else action.reshape(-1, 1).to(none)
         for k in range(self.steps):
-            if self.cached:
-                v = self.model.velocity(x, self.times(k / self.steps, 1), self.cache)
-            else:
-                t = torch.cat([self.times(self.context_t, self.past.shape[1]), self.times(k / self.steps, 1)], dim=1)
-                v = self.model.velocity(torch.cat([self.past, x], dim=1), t)[:, -1:]
+            v = self.velocity(x, k / self.steps, action)
+            if guided:
+                v_none = self.velocity(x, k / self.steps, none)
+                v = v_none + self.cfg_scale * (v - v_none)
             x = x + v.to(x.dtype) / self.steps
-        self.last = x
+        self.last, self.last_action = x, action
         return x
 
     @torch.no_grad()
-    def rollout(self, context, num_frames, generator=None):
-        """Continue context (B, P, N, C) by num_frames frames -> (B, num_frames, N, C)."""
-        self.start(context, generator)
-        return torch.cat([self.next_frame() for _ in range(num_frames)], dim=1)
+    def rollout(self, context, num_frames, generator=None, actions=None):
+        """Continue context (B, P, N, C) by num_frames frames -> (B, num_frames, N, C). actions (B, P + num_frames):
+        the action that led to each frame, the context's then the new ones' (None: no action)."""
+        self.start(context, generator, None if actions is None else actions[:, :context.shape[1]])
+        new = [None if actions is None else actions[:, context.shape[1] + i] for i in range(num_frames)]
+        return torch.cat([self.next_frame(action) for action in new], dim=1)

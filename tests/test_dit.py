@@ -9,10 +9,10 @@ from dataset import LatentStore, WindowDataset
 from dit import PRESETS, DiT, Sampler, context_forced
 
 
-def random_dit(seq_len=8, seed=0):
+def random_dit(seq_len=8, seed=0, **changes):
     """A tiny DiT whose zero-initialised parts (adaLN gates, output) are made non-zero, so that every path matters."""
     torch.manual_seed(seed)
-    model = DiT(dataclasses.replace(PRESETS["tiny"], seq_len=seq_len)).eval()
+    model = DiT(dataclasses.replace(PRESETS["tiny"], seq_len=seq_len, **changes)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
@@ -112,3 +112,40 @@ def test_overfits_real_latents(diffusion_data):
     last = mean_loss()
     print(f"flow-matching loss {first:.3f} -> {last:.3f} ({first / last:.1f}x)")
     assert last < first / 3, (first, last)
+
+
+def test_latent_actions_steer_the_frame_and_no_action_is_the_unconditioned_path():
+    model = random_dit(num_actions=4)
+    context = torch.randn(1, 3, 220, 48)
+    frames = [Sampler(model, steps=3).rollout(context, 2, torch.Generator().manual_seed(0),
+                                             actions=torch.tensor([[4, 0, 1, a, a]])) for a in (1, 2, 2)]
+    assert (frames[0] - frames[1]).abs().mean() > 1e-3  # same noise, another action: another frame
+    torch.testing.assert_close(frames[1], frames[2], rtol=0, atol=0)
+    x, t = torch.randn(2, 5, 220, 48), torch.rand(2, 5)
+    torch.testing.assert_close(model.velocity(x, t), model.velocity(x, t, actions=torch.full((2, 5), 4)), rtol=0, atol=0)
+    # a DiT without actions is the one trained before actions existed: same weights, so its folders still load
+    assert not any(k.startswith("action_embed") for k in DiT(PRESETS["tiny"]).state_dict())
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_cached_generation_with_actions_equals_recomputing_the_window(cfg_scale):
+    model = random_dit(seq_len=6, num_actions=4)
+    context, actions = torch.randn(2, 2, 220, 48), torch.randint(4, (2, 6))  # inside the training length
+    frames = [Sampler(model, steps=3, context_t=0.9, cached=cached, cfg_scale=cfg_scale).rollout(
+        context, 4, torch.Generator().manual_seed(3), actions=actions) for cached in (True, False)]
+    torch.testing.assert_close(frames[0], frames[1], rtol=0, atol=1e-4)
+
+
+def test_training_with_actions_and_action_dropout():
+    model = random_dit(num_actions=4).train()
+    x1, actions = torch.randn(2, 5, 220, 48), torch.randint(4, (2, 5))
+    loss, _ = model(x1, actions=actions)
+    loss.backward()
+    assert model.action_embed.weight.grad[:4].abs().sum() > 0
+    # every action dropped: the unconditioned path, whatever the actions were
+    model.config.action_dropout = 1.0
+    losses = []
+    for given in (actions, None):
+        torch.manual_seed(1)
+        losses.append(model(x1, actions=given)[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
