@@ -1,13 +1,18 @@
 """Latent action model of the Genie pipeline: learns, from unlabelled clips, one discrete action per transition.
 
-Legend: B batch, T frames, N = (image_size / patch)^2 patch tokens per frame, P = 3 * patch^2 pixels per patch,
-D model dim, C code dim, K num_actions.
+Legend: B batch, T frames, N tokens per frame, P numbers per token, D model dim, C code dim, K num_actions.
+
+Two input kinds (`input`): "pixels", frames (B, T, 3, H, W) in [-1, 1] cut into N = (image_size / patch)^2 patches
+of P = 3 * patch^2 pixels (the Genie pipeline's 64x64 frames); "latents", the ViT-VAE's latent frames (B, T, N, P) with
+N = rows * cols = 220 tokens of P = latent_dim = 48 (the diffusion pipeline's footage at 320x180), taken as they
+are. Everything after the tokens is the same model.
 
 Encoder (inverse dynamics): the frames' patch tokens go through a spatio-temporal transformer, causal in time, so the
 tokens of frame t+1 see x_1..x_{t+1}; a learned attention pooling (softmax of a score per token) sums them into a small
 code, quantised to one of K actions: a_t for the transition t -> t+1. The pooling can put its weight on the few
-patches that moved, where a mean would dilute them among 64 (`pool`: attn; mean for the ablation). Decoder (forward dynamics): x_1..x_t through a second transformer, each frame conditioned (adaLN)
-on the action taken after it, predicts the patches of x_{t+1}. The only path from x_{t+1} to the decoder is a_t, so a
+patches that moved, where a mean would dilute them among 64 (`pool`: attn; mean for the ablation). Decoder (forward
+dynamics): x_1..x_t through a second transformer, each frame conditioned (adaLN) on the action taken after it,
+predicts the tokens of x_{t+1}. The only path from x_{t+1} to the decoder is a_t, so a
 useful action must say what changed. One clip trains all T - 1 transitions at once. After training only the encoder
 matters: infer_actions labels clips for the dynamics model.
 
@@ -27,7 +32,7 @@ Why a LAM collapses, and what this one does against it (each measure is a config
     assignments, is already satisfied (about 1e-6 at Breakout's collapse). Centring and scaling each code dimension
     over the batch (BatchNorm without a learned scale or shift; its running statistics at inference) removes the
     common part, so the quantiser compares what differs. The statistics are those of each process's micro-batch.
-  - `motion_weight`: the squared error of a pixel is weighted by 1 + motion_weight * |x_{t+1} - x_t|. Static
+  - `motion_weight`: the squared error of a pixel (or latent) is weighted by 1 + motion_weight * |x_{t+1} - x_t|. Static
     background dominates a plain MSE and needs no action; motion is exactly what the action must explain.
 """
 import math
@@ -45,8 +50,12 @@ from vae import VectorQuantizer, code_counts
 
 @dataclass
 class LAMConfig:
+    input: str = "pixels"       # pixels (image_size, patch) or latents (rows, cols, latent_dim: the ViT-VAE's)
     image_size: int = 64
     patch: int = 8
+    rows: int = 11
+    cols: int = 20
+    latent_dim: int = 48
     dim: int = 512
     depth: int = 8              # blocks of the encoder, and again of the decoder
     heads: int = 8              # (dim // heads) % 4 == 0: 2-D RoPE splits each head in four
@@ -58,12 +67,18 @@ class LAMConfig:
     usage_weight: float = 0.1   # weight of KL(batch code distribution || uniform); 0 = off
     temperature: float = 0.1    # of the soft assignment used by the usage term
     batch_norm: bool = True     # centre and scale the code per dimension over the batch before quantising
-    motion_weight: float = 4.0  # extra reconstruction weight on pixels that change; 0 = plain MSE
+    motion_weight: float = 4.0  # extra reconstruction weight on what changes; 0 = plain MSE
     pool: str = "attn"          # frame t+1's patch features -> action code: attn (learned scores) or mean
 
     @property
-    def grid(self):  # side of the patch grid
-        return self.image_size // self.patch
+    def grid(self):  # (rows, cols) of the token grid
+        if self.input == "latents":
+            return self.rows, self.cols
+        return self.image_size // self.patch, self.image_size // self.patch
+
+    @property
+    def token_dim(self):  # P: numbers per token
+        return self.latent_dim if self.input == "latents" else 3 * self.patch ** 2
 
 
 PRESETS = {
@@ -73,20 +88,21 @@ PRESETS = {
 
 
 class LatentActionModel(nn.Module, PyTorchModelHubMixin):
-    """Clips (B, T, 3, H, W) in [-1, 1] -> latent actions (B, T - 1). Saved and loaded with utils.save_model /
-    utils.load_model."""
+    """Clips (B, T, 3, H, W) in [-1, 1], or (B, T, N, P) latents -> latent actions (B, T - 1). Saved and loaded with
+    utils.save_model / utils.load_model."""
 
     def __init__(self, config: LAMConfig):
         super().__init__()
-        if config.image_size % config.patch or not 0 <= config.context_mask < 1 or config.pool not in ("attn", "mean"):
+        if config.image_size % config.patch or not 0 <= config.context_mask < 1 or config.pool not in ("attn", "mean") \
+                or config.input not in ("pixels", "latents"):
             raise ValueError(f"patch {config.patch} must divide image_size {config.image_size}, context_mask "
-                             f"{config.context_mask} lie in [0, 1) and pool {config.pool!r} be attn or mean")
+                             f"{config.context_mask} lie in [0, 1), pool {config.pool!r} be attn or mean and input "
+                             f"{config.input!r} pixels or latents")
         self.config = config
-        c, g = config, config.grid
-        pixels = 3 * c.patch ** 2
-        self.enc_embed = nn.Linear(pixels, c.dim)
+        c, (rows, cols) = config, config.grid
+        self.enc_embed = nn.Linear(c.token_dim, c.dim)
         self.enc_cond = nn.Parameter(0.02 * torch.randn(c.dim))  # nothing conditions the encoder: a learned constant
-        self.encoder = STTransformer(c.dim, c.depth, c.heads, g, g)
+        self.encoder = STTransformer(c.dim, c.depth, c.heads, rows, cols)
         self.pool_score = nn.Linear(c.dim, 1) if c.pool == "attn" else None
         self.to_code = nn.Linear(c.dim, c.code_dim)
         # batch_norm's running statistics, for inference (kept whether it is on or not: one state dict)
@@ -94,21 +110,23 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         self.register_buffer("code_var", torch.ones(c.code_dim))
         # The VQ's dead_after counts steps; 0 (off) becomes "never", a count no run reaches.
         self.vq = VectorQuantizer(c.num_actions, c.code_dim, c.commitment, c.dead_after or 2 ** 62)
-        self.dec_embed = nn.Linear(pixels, c.dim)
+        self.dec_embed = nn.Linear(c.token_dim, c.dim)
         # Without a context mask nothing uses the mask token: frozen, so DDP does not wait for its gradient.
         self.mask_token = nn.Parameter(0.02 * torch.randn(c.dim), requires_grad=c.context_mask > 0)
         self.action_embed = nn.Linear(c.code_dim, c.dim)
-        self.decoder = STTransformer(c.dim, c.depth, c.heads, g, g)
-        self.to_pixels = nn.Linear(c.dim, pixels)
+        self.decoder = STTransformer(c.dim, c.depth, c.heads, rows, cols)
+        self.to_tokens = nn.Linear(c.dim, c.token_dim)
 
-    def patchify(self, frames):  # (B, T, 3, H, W) -> (B, T, N, P)
+    def tokens(self, frames):  # pixels (B, T, 3, H, W) or latents (B, T, N, P) -> (B, T, N, P)
+        if self.config.input == "latents":
+            return frames
         p = self.config.patch
         return rearrange(frames, "b t c (h p) (w q) -> b t (h w) (p q c)", p=p, q=p)
 
     def encode(self, frames):
-        """(B, T, 3, H, W) -> unquantised codes (B, T - 1, C) of the transitions; code t sees frames 0..t+1 only."""
+        """Clips -> unquantised codes (B, T - 1, C) of the transitions; code t sees frames 0..t+1 only."""
         b, t = frames.shape[:2]
-        x = self.enc_embed(self.patchify(frames))  # (B, T, N, D)
+        x = self.enc_embed(self.tokens(frames))  # (B, T, N, D)
         x = self.encoder(x, self.enc_cond.expand(b, t, -1))[:, 1:]  # (B, T - 1, N, D): frame t+1's, seeing the past
         if self.pool_score is None:
             z = self.to_code(x.mean(2))
@@ -122,22 +140,22 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         return self.action_embed(self.vq.lookup(actions))
 
     def decode(self, past, cond):
-        """past (B, T - 1, 3, H, W) frames x_1..x_t, cond (B, T - 1, D) -> predicted patches of x_2..x_{t+1}
+        """past: frames x_1..x_t of the clips (T - 1 of them), cond (B, T - 1, D) -> predicted tokens of x_2..x_{t+1}
         (B, T - 1, N, P)."""
-        x = self.dec_embed(self.patchify(past))  # (B, T - 1, N, D)
+        x = self.dec_embed(self.tokens(past))  # (B, T - 1, N, D)
         if self.training and self.config.context_mask > 0:
             hidden = torch.rand(x.shape[:3], device=x.device) < self.config.context_mask  # (B, T - 1, N)
             x = torch.where(hidden[..., None], self.mask_token.to(x.dtype), x)
-        return self.to_pixels(self.decoder(x, cond))
+        return self.to_tokens(self.decoder(x, cond))
 
     def forward(self, frames):
-        """frames (B, T, 3, H, W) in [-1, 1], T >= 2 -> (loss, logs)."""
+        """Clips of T >= 2 frames -> (loss, logs)."""
         c = self.config
         z = self.encode(frames)  # (B, T - 1, C)
         quantized, indices, vq_loss, stats = self.vq(z)  # (B, T - 1, C), (B, T - 1)
         pred = self.decode(frames[:, :-1], self.action_embed(quantized))  # (B, T - 1, N, P)
 
-        target, previous = self.patchify(frames[:, 1:]), self.patchify(frames[:, :-1])  # (B, T - 1, N, P)
+        target, previous = self.tokens(frames[:, 1:]), self.tokens(frames[:, :-1])  # (B, T - 1, N, P)
         error = (pred.float() - target) ** 2
         weight = 1 + c.motion_weight * (target - previous).abs()
         recon = (weight * error).sum() / weight.sum()
@@ -155,5 +173,5 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
 
     @torch.no_grad()
     def infer_actions(self, frames):
-        """(B, T, 3, H, W) -> (B, T - 1) int64 latent actions in [0, num_actions); never restarts codes."""
+        """Clips -> (B, T - 1) int64 latent actions in [0, num_actions); never restarts codes."""
         return self.vq.nearest(self.encode(frames))

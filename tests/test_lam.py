@@ -124,3 +124,19 @@ def test_weights_of_another_architecture_are_a_one_line_error(tmp_path):
     save_file({k: v for k, v in weights.items() if not k.startswith("code_")}, tmp_path / "lam" / "model.safetensors")
     with pytest.raises(UserError, match="Missing key.*train it again|train it again"):
         load_model(LatentActionModel, tmp_path / "lam")
+
+
+def test_a_lam_on_latent_frames():
+    """The same model on the ViT-VAE's latent frames (220 tokens of 48): shapes, causality, gradients, save/load."""
+    torch.manual_seed(0)
+    model = LatentActionModel(tiny(input="latents"))
+    latents = torch.randn(2, 5, 220, 48)
+    loss, logs = model(latents)
+    loss.backward()
+    assert torch.isfinite(loss) and model.enc_embed.weight.grad.abs().sum() > 0
+    model.eval()
+    changed = latents.clone()
+    changed[:, 3:] = torch.randn_like(changed[:, 3:])
+    assert torch.allclose(model.encode(latents)[:, :2], model.encode(changed)[:, :2], atol=1e-5)
+    actions = model.infer_actions(latents)
+    assert actions.shape == (2, 4) and 0 <= actions.min() and actions.max() < 8
