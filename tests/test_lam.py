@@ -140,3 +140,17 @@ def test_a_lam_on_latent_frames():
     assert torch.allclose(model.encode(latents)[:, :2], model.encode(changed)[:, :2], atol=1e-5)
     actions = model.infer_actions(latents)
     assert actions.shape == (2, 4) and 0 <= actions.min() and actions.max() < 8
+
+
+def test_train_lam_on_footage_latents(diffusion_data, tmp_path):
+    from conftest import run
+    from dataset import LatentStore
+    result = run("train_lam.py", diffusion_data["latents"], "--vae", diffusion_data["vae"], "--preset", "tiny",
+                 "--steps", 4, "--batch_size", 4, "--seq_len", 3, "--num_workers", 0, "--out", tmp_path / "lam_video")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = load_model(LatentActionModel, tmp_path / "lam_video")
+    assert (model.config.input, model.config.grid, model.config.latent_dim) == ("latents", (11, 20), 48)
+    latents = LatentStore(diffusion_data["latents"])
+    clip = torch.from_numpy(np.array(latents.mu[:3], dtype=np.float32))[None] * latents.scale  # (1, 3, 220, 48)
+    assert model.infer_actions(clip).shape == (1, 2)
+    assert (tmp_path / "logs" / "lam_video.json").is_file()
