@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, atomic_dir, first_line, from_uint8, get_device, load_model, parse_size, positive, run_cli, write_gif, \
+from utils import UserError, atomic_dir, atomic_path, first_line, from_uint8, get_device, load_model, parse_size, positive, run_cli, write_gif, \
     write_mp4
 from vae2 import ViTVAE
 
@@ -420,6 +420,7 @@ class LatentStore(Store):
             check_size(self.path / name, self.count * math.prod(self.latent_shape) * 2,
                        f"{self.count} latents of {self.latent_shape} float16")
         self.has_actions = check_actions(self.path, self.count)
+        self.latent_actions = None  # a labels file of open_latent_actions, once attached
 
     @property
     def mu(self):  # (count, N, L) float16
@@ -431,11 +432,15 @@ class LatentStore(Store):
 
     def window(self, start, length):
         """{"mu", "logvar": (T, N, L) float16, as stored (the device makes them float32), "actions": (T,) int64 if
-        the store has actions}."""
+        the store has actions, "latent_actions": (T,) int64, a LAM's, once open_latent_actions attached them}."""
         item = {"mu": torch.from_numpy(np.array(self.mu[start:start + length])),
                 "logvar": torch.from_numpy(np.array(self.logvar[start:start + length]))}
         if self.has_actions:
             item["actions"] = torch.from_numpy(np.array(self.actions[start:start + length], dtype=np.int64))
+        if self.latent_actions is not None:
+            if self.latent_actions not in self._maps:
+                self._maps[self.latent_actions] = np.load(self.latent_actions, mmap_mode="r")
+            item["latent_actions"] = torch.from_numpy(np.array(self._maps[self.latent_actions][start:start + length]))
         return item
 
 
@@ -547,6 +552,47 @@ def open_latents(data, vae_folder, device, batch_size=64):
         except UserError:  # an unusable cache is rebuilt rather than trusted
             pass
     return encode(store, vae_folder, cached, device, batch_size)
+
+
+def label_transitions(store, infer, clip_len, clip, batch_size=64):
+    """A LAM's action for every transition of `store` -> int64 (count,), 0 at an episode's last frame (it starts no
+    transition). Each episode is cut into clips of clip_len frames that overlap by one, so each transition is labelled
+    once, having seen the frames of its clip up to it, as in the LAM's training. clip(start, length) -> the LAM's
+    input for one clip on its device; infer(clips) -> (B, length - 1) actions."""
+    clips = {}  # clip length -> first frames
+    for first, end in store.episodes():
+        for start in range(first, end - 1, clip_len - 1):
+            clips.setdefault(min(clip_len, end - start), []).append(start)
+    actions = np.zeros(store.count, np.int64)
+    for length, starts in clips.items():
+        for i in tqdm(range(0, len(starts), batch_size), unit="batch", desc=f"latent actions ({length} frames)"):
+            chunk = starts[i:i + batch_size]
+            for start, row in zip(chunk, infer(torch.stack([clip(s, length) for s in chunk])).cpu().numpy()):
+                actions[start:start + length - 1] = row
+    return actions
+
+
+@torch.no_grad()
+def open_latent_actions(latents, lam_folder, device, clip_len, batch_size=64):
+    """Attach to the latent store `latents` the actions of the LAM in lam_folder (train_lam.py) for every
+    transition: labelled once into latent_actions_<lam id>_<clip_len>.npy in the store and read from there while the
+    LAM's weights stay the same; the store's windows then carry them as "latent_actions". Returns the LAM."""
+    from lam import LatentActionModel
+    action_model = load_model(LatentActionModel, lam_folder, device)
+    c = action_model.config
+    if c.input != "latents" or (c.rows * c.cols, c.latent_dim) != latents.latent_shape:
+        raise UserError(f"{lam_folder} is not a LAM of these latents: it takes {c.input} "
+                        f"{'' if c.input != 'latents' else (c.rows * c.cols, c.latent_dim)}, the store holds latents of "
+                        f"{latents.latent_shape}; train one on them: python train_lam.py {latents.path} --vae VAE")
+    path = latents.path / f"{Path(LATENT_ACTIONS).stem}_{model_id(lam_folder)}_{clip_len}.npy"
+    if not path.is_file():
+        def clip(start, length):  # posterior means, scaled as the LAM was trained on them
+            return torch.from_numpy(np.array(latents.mu[start:start + length], np.float32)).to(device) * latents.scale
+        actions = label_transitions(latents, action_model.infer_actions, clip_len, clip, batch_size)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, actions)
+    latents.latent_actions = path
+    return action_model
 
 
 # ----------------------------------------------------------------------------- windows

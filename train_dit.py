@@ -3,6 +3,7 @@
   python train_dit.py videos/coinrun_wide --vae models/vae2 --preset tiny --steps 300            # CPU, minutes
   python train_dit.py videos/z8r255LoVJc.mp4 --vae models/vae2                                    # one GPU
   python train_dit.py videos/z8r255LoVJc_12fps_320x180_latents --vae models/vae2 --context_forcing 2
+  python train_dit.py videos/coinrun_wide_latents --vae models/vae2 --lam models/lam_video --preset tiny  # steerable
 
 DATA is a latent store (`dataset.py encode`), or a frame store or video that is encoded once with --vae and cached
 beside it. Each step draws clips of --seq_len frames from the training split, samples latents from the VAE's
@@ -10,6 +11,11 @@ posterior (mu + sigma * eps), scales them to unit variance and takes the flow-ma
 weights is what lands in --out (config.json holds the latent scale, so generation needs no flags), and a log of the
 losses in logs/dit.json beside it; every --sample_every steps a continuation of a held-out clip is written to
 --samples (prompt, then the EMA model's frames).
+
+With --lam (a latent action model from train_lam.py) the DiT learns to follow latent actions: the LAM labels every
+transition of the store once (dataset.open_latent_actions, again only when its weights change), and each frame is
+conditioned on the action that led to it, dropped for --set action_dropout of the frames (default 0.1) so that the
+same model also runs unconditioned, for classifier-free guidance. Without --lam the DiT is unconditioned.
 
 Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command continues from the
 last state in checkpoints/ beside --out and ends with the same weights as an uninterrupted run (see training.py).
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 
 import dit
-from dataset import FrameStore, WindowDataset, open_latents
+from dataset import FrameStore, WindowDataset, open_latent_actions, open_latents
 from training import add_training_flags, train_loop
 from utils import UserError, add_config_flags, apply_defaults, build, from_uint8, get_device, load_model, override, \
     positive, run_cli, seed_everything, to_uint8, write_mp4
@@ -73,6 +79,10 @@ def main():
                              "them (0 = off, default)")
     parser.add_argument("--rollout_steps", type=positive(int), default=4,
                         help="Euler steps per frame of the context-forcing rollout (default 4)")
+    parser.add_argument("--lam", help="a latent action model folder (train_lam.py) whose actions the DiT learns to "
+                                      "follow (default: none, an unconditioned DiT)")
+    parser.add_argument("--lam_seq_len", type=positive(int), default=4,
+                        help="frames per clip the LAM labels, its training --seq_len (default 4, the tiny preset's)")
     parser.add_argument("--samples", default="results/dit_sample.mp4",
                         help="mp4 of a held-out continuation beside the true clip (default results/dit_sample.mp4)")
     parser.add_argument("--sample_every", type=positive(int), default=1000,
@@ -91,6 +101,9 @@ def main():
     # the latent grid is the VAE's; --seq_len, when given, overrides the preset's
     config = dataclasses.replace(config, rows=vae.config.rows, cols=vae.config.cols, latent_dim=vae.config.latent_dim,
                                  latent_scale=float(latents.scale), seq_len=args.seq_len or config.seq_len)
+    if args.lam:
+        action_model = open_latent_actions(latents, args.lam, device, args.lam_seq_len)
+        config = dataclasses.replace(config, num_actions=action_model.config.num_actions)
     if not 0 <= args.context_forcing < config.seq_len - 1:
         raise UserError(f"--context_forcing must be in [0, {config.seq_len - 2}] for --seq_len {config.seq_len}")
     dataset = WindowDataset(latents, config.seq_len)
@@ -112,13 +125,13 @@ def main():
     rollouts = dit.Sampler(model, args.rollout_steps)  # context forcing's; its cache is made once
 
     def loss_fn(net, batch, step):
-        x1, frame_weight = sample_latents(batch, config.latent_scale), None
+        x1, frame_weight, actions = sample_latents(batch, config.latent_scale), None, batch.get("latent_actions")
         if args.context_forcing:
             # the model's own sampler; the memory planner's fake copy of the model (training.step_settings) gets one
             # of its own, so that no fake tensor lands in the real sampler's cache
             sampler = rollouts if getattr(net, "module", net) is model else dit.Sampler(net, args.rollout_steps)
-            x1, frame_weight = dit.context_forced(sampler, x1, args.context_forcing)
-        return net(x1, args.self_forcing_p, frame_weight)
+            x1, frame_weight = dit.context_forced(sampler, x1, args.context_forcing, actions)
+        return net(x1, args.self_forcing_p, frame_weight, actions=actions)
 
     def on_log(step, ema, wandb):
         if sample_clip is not None and (step % args.sample_every == 0 or step == args.steps):

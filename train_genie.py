@@ -28,7 +28,8 @@ from tqdm import tqdm
 import dynamics
 import lam
 import vae
-from dataset import LATENT_ACTIONS, TOKENS, FrameStore, TokenStore, WindowDataset, model_id, write_meta
+from dataset import LATENT_ACTIONS, TOKENS, FrameStore, TokenStore, WindowDataset, label_transitions, model_id, \
+    write_meta
 from download import collect_procgen
 from training import add_training_flags, barrier, distributed, train_loop
 from utils import UserError, add_config_flags, apply_defaults, atomic_dir, build, from_uint8, get_device, load_model, \
@@ -144,10 +145,6 @@ def tokenize(store, out, lam_seq_len, device, batch_size=64):
     tokenizer = load_model(vae.Tokenizer, out / "tokenizer", device)
     action_model = load_model(lam.LatentActionModel, out / "lam", device)
     grid = tokenizer.config.grid
-    clips = {}  # clip length -> first frames
-    for first, end in store.episodes():
-        for start in range(first, end - 1, lam_seq_len - 1):
-            clips.setdefault(min(lam_seq_len, end - start), []).append(start)
     with atomic_dir(out / "tokens") as tmp:
         tokens = np.memmap(tmp / TOKENS, np.uint16, "w+", shape=(store.count, grid, grid))
         for start in tqdm(range(0, store.count, batch_size), unit="batch", desc="tokens"):
@@ -155,14 +152,9 @@ def tokenize(store, out, lam_seq_len, device, batch_size=64):
             tokens[start:start + len(frames)] = tokenizer.encode(frames).cpu().numpy()
         tokens.flush()
         del tokens
-        actions = np.zeros(store.count, np.int64)
-        for length, starts in clips.items():
-            for i in tqdm(range(0, len(starts), batch_size), unit="batch", desc=f"latent actions ({length} frames)"):
-                chunk = starts[i:i + batch_size]
-                frames = from_uint8(torch.stack([store.window(s, length)["frames"] for s in chunk]).to(device))
-                inferred = action_model.infer_actions(frames).cpu().numpy()  # (B, length - 1)
-                for start, row in zip(chunk, inferred):
-                    actions[start:start + length - 1] = row
+        actions = label_transitions(store, action_model.infer_actions, lam_seq_len,
+                                    lambda start, length: from_uint8(store.window(start, length)["frames"].to(device)),
+                                    batch_size)
         np.save(tmp / LATENT_ACTIONS, actions)
         write_meta(tmp, **store.meta, grid=[grid, grid], tokenizer_id=model_id(out / "tokenizer"),
                    lam_id=model_id(out / "lam"), frames=str(store.path.resolve()))

@@ -142,9 +142,10 @@ def test_a_lam_on_latent_frames():
     assert actions.shape == (2, 4) and 0 <= actions.min() and actions.max() < 8
 
 
-def test_train_lam_on_footage_latents(diffusion_data, tmp_path):
-    from conftest import run
+def test_a_footage_lam_labels_the_latents_a_dit_learns_to_follow(diffusion_data, tmp_path):
+    from conftest import assert_user_error, run
     from dataset import LatentStore
+    from dit import DiT
     result = run("train_lam.py", diffusion_data["latents"], "--vae", diffusion_data["vae"], "--preset", "tiny",
                  "--steps", 4, "--batch_size", 4, "--seq_len", 3, "--num_workers", 0, "--out", tmp_path / "lam_video")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -153,4 +154,20 @@ def test_train_lam_on_footage_latents(diffusion_data, tmp_path):
     latents = LatentStore(diffusion_data["latents"])
     clip = torch.from_numpy(np.array(latents.mu[:3], dtype=np.float32))[None] * latents.scale  # (1, 3, 220, 48)
     assert model.infer_actions(clip).shape == (1, 2)
-    assert (tmp_path / "logs" / "lam_video.json").is_file()
+
+    dit_args = ["train_dit.py", diffusion_data["latents"], "--vae", diffusion_data["vae"], "--preset", "tiny",
+                "--steps", 2, "--batch_size", 2, "--seq_len", 4, "--num_workers", 0, "--lam", tmp_path / "lam_video",
+                "--lam_seq_len", 3, "--samples", tmp_path / "sample.mp4"]
+    result = run(*dit_args, "--out", tmp_path / "dit")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_model(DiT, tmp_path / "dit").config.num_actions == 8
+    labels = list(diffusion_data["latents"].glob("latent_actions_*_3.npy"))
+    assert len(labels) == 1 and np.load(labels[0]).shape == (latents.count,)
+    labelled = labels[0].stat().st_mtime_ns
+    result = run(*dit_args, "--out", tmp_path / "dit_again")
+    assert result.returncode == 0 and labels[0].stat().st_mtime_ns == labelled  # labelled once
+    # a LAM of pixels cannot label latents
+    save_model(LatentActionModel(PRESETS["tiny"]), tmp_path / "lam_pixels")
+    dit_args[dit_args.index(tmp_path / "lam_video")] = tmp_path / "lam_pixels"
+    assert_user_error(run(*dit_args, "--out", tmp_path / "dit_bad"), "is not a LAM of these latents")
+    assert not (tmp_path / "dit_bad").exists()
