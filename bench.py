@@ -208,7 +208,7 @@ def training_inputs(name, preset, batch_size, device):
     if name == "lam":
         c, t = lam.PRESETS[preset], train_genie.DEFAULTS[preset]["lam_seq_len"]
         frames = torch.rand(b, t, 3, c.image_size, c.image_size, device=device) * 2 - 1
-        return lam.LatentActionModel(c), {"frames": frames}, t * c.grid ** 2
+        return lam.LatentActionModel(c), {"frames": frames}, t * c.grid[0] * c.grid[1]
     c = dynamics.PRESETS[preset]
     tokens = torch.randint(c.vocab_size, (b, c.context, c.rows, c.cols), device=device)
     actions = torch.randint(c.num_actions, (b, c.context - 1), device=device)

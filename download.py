@@ -235,8 +235,7 @@ def download_videos(source, out, min_height=360, max_height=None):
         raise UserError(f"could not download {source}: {message}") from None
     finally:
         bar.close()
-    entries = [info] if info is not None and "entries" not in info else [e for e in (info or {}).get("entries") or []]
-    paths = [Path(d["filepath"]) for e in entries if e for d in e.get("requested_downloads", [])]
+    paths = downloaded(info)
     for path in paths:
         try:
             probe(path)
@@ -247,6 +246,15 @@ def download_videos(source, out, min_height=360, max_height=None):
         done = f" ({len(paths)} other videos saved; rerun to retry)" if paths else ""
         raise UserError(f"could not download {source}: {log.errors[0] if log.errors else 'no video found'}{done}")
     return paths
+
+
+def downloaded(info):
+    """The files yt-dlp wrote for a video, or for every video of a playlist (a channel's are nested)."""
+    if info is None:
+        return []
+    if "entries" in info:
+        return [path for entry in info["entries"] or [] for path in downloaded(entry)]
+    return [Path(d["filepath"]) for d in info.get("requested_downloads", [])]
 
 
 # ----------------------------------------------------------------------------- command line
