@@ -27,8 +27,10 @@ depend on the weights); `decoded_fps` is the cached one with the ViT-VAE's decod
 included, as generate.py runs (the VAE at the tiny preset for the tiny DiT, else the default). The context's prefill
 and one warm-up frame are excluded.
 
-play: steps/s of the Genie world (play.GenieWorld, batch 1): MaskGIT decoding of the next 16x16 token frame in
---maskgit_steps steps with the cached context, then the tokenizer's decode to 64x64 pixels.
+play: steps/s of a world as play.py steps it (batch 1). --world genie (play.GenieWorld): MaskGIT decoding of the next
+16x16 token frame in --maskgit_steps steps with the cached context, then the tokenizer's decode to 64x64 pixels.
+--world diffusion (play.DiffusionWorld, a DiT taking 8 latent actions): --euler_steps cached Euler steps of the new
+frame, then the ViT-VAE's decode to 320x180 pixels.
 
 memory: the estimated peak GPU memory of one training step at the preset and batch (memory.py: the real step on
 fake tensors, bf16 as on CUDA), broken into weights, gradients, AdamW moments, EMA and activations, and the
@@ -79,7 +81,7 @@ import vae
 import vae2
 from dataset import LatentStore, WindowDataset, ffmpeg_exe, open_store, prepare, probe
 from generate import compile_world, decode_frame
-from play import GenieWorld
+from play import DiffusionWorld, GenieWorld
 from training import DEFAULT_WORKERS, add_compile_flag, batches, checkpoint_blocks, compile_blocks, make_optimizer, \
     train_step, use_compile
 from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, parse_size, positive, \
@@ -370,29 +372,36 @@ def bench_data(args, device):
 
 
 def bench_play(args, device):
-    tokenizer = vae.Tokenizer(vae.PRESETS[args.preset]).to(device).eval()
-    grid = tokenizer.config.grid
-    config = dataclasses.replace(dynamics.PRESETS[args.preset], vocab_size=tokenizer.config.num_codes, rows=grid,
-                                 cols=grid)
-    world = GenieWorld(tokenizer, dynamics.Dynamics(config).to(device).eval(), args.maskgit_steps)
+    if args.world == "genie":
+        tokenizer = vae.Tokenizer(vae.PRESETS[args.preset]).to(device).eval()
+        grid = tokenizer.config.grid
+        config = dataclasses.replace(dynamics.PRESETS[args.preset], vocab_size=tokenizer.config.num_codes, rows=grid,
+                                     cols=grid)
+        world = GenieWorld(tokenizer, dynamics.Dynamics(config).to(device).eval(), args.maskgit_steps)
+        how = f"{args.maskgit_steps} MaskGIT steps, context {config.context}"
+        settings = {"maskgit_steps": args.maskgit_steps, "context": config.context}
+    else:
+        config = dataclasses.replace(dit.PRESETS[args.preset], num_actions=8)
+        autoencoder = vae2.ViTVAE(vae2.PRESETS[args.preset]).to(device).eval()
+        world = DiffusionWorld(autoencoder, dit.DiT(config).to(device).eval(), args.euler_steps)
+        how = f"{args.euler_steps} Euler steps, context {config.seq_len - 1}"
+        settings = {"euler_steps": args.euler_steps, "context": config.seq_len - 1}
+    model = world.dynamics if args.world == "genie" else world.model
     if args.compile:
         world.compile()
-    size = tokenizer.config.image_size
     rates = []
     for run in range(args.runs):
-        world.reset(np.zeros((1, size, size, 3), np.uint8))
+        world.reset(np.zeros((1, *world.frame_size, 3), np.uint8))
         for _ in range(args.warmup):
-            world.step([run % config.num_actions])
+            world.step([run % world.num_actions])
         started = time.perf_counter()
         for k in range(args.steps):
-            world.step([k % config.num_actions])  # returns uint8 pixels: the host copy synchronises
+            world.step([k % world.num_actions])  # returns uint8 pixels: the host copy synchronises
         rates.append(args.steps / (time.perf_counter() - started))
-    result = {"preset": args.preset, "device": str(device), "compile": args.compile,
-              "maskgit_steps": args.maskgit_steps,
-              "context": config.context, "params": sum(p.numel() for p in world.dynamics.parameters()),
-              "steps_per_s": statistics.median(rates)}
-    print(f"play {args.preset} on {device}: {result['steps_per_s']:.1f} steps/s ({1000 / result['steps_per_s']:.1f} "
-          f"ms per step, {args.maskgit_steps} MaskGIT steps, context {config.context}, batch 1, decode included)")
+    result = {"world": args.world, "preset": args.preset, "device": str(device), "compile": args.compile, **settings,
+              "params": sum(p.numel() for p in model.parameters()), "steps_per_s": statistics.median(rates)}
+    print(f"play {args.world} {args.preset} on {device}: {result['steps_per_s']:.1f} steps/s "
+          f"({1000 / result['steps_per_s']:.1f} ms per step, {how}, batch 1, decode included)")
     if args.profile:
         print("profile of one play step:")
         print_profile(lambda: world.step([0]), device)
@@ -535,9 +544,12 @@ def main():
     p.add_argument("--gpu_tflops", type=positive(float), default=989,
                    help="the GPU's bf16 dense peak in TFLOP/s (default 989, an H100 SXM)")
     p.add_argument("--mfu", type=positive(float), default=0.4, help="the share of it a step reaches (default 0.4)")
-    p = sub.add_parser("play", help="Genie play steps/s (MaskGIT decoding of the next frame + pixel decode)")
+    p = sub.add_parser("play", help="play steps/s of a Genie or diffusion world (the next frame + pixel decode)")
+    p.add_argument("--world", default="genie", choices=["genie", "diffusion"], help="which world (default genie)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "default"], help="model sizes (default tiny)")
-    p.add_argument("--maskgit_steps", type=positive(int), default=8, help="decoding steps per frame (default 8)")
+    p.add_argument("--maskgit_steps", type=positive(int), default=8, help="genie: decoding steps per frame (default 8)")
+    p.add_argument("--euler_steps", type=positive(int), default=4,
+                   help="diffusion: Euler steps per frame (default 4, as play.py)")
     p.add_argument("--steps", type=positive(int), default=20, help="timed play steps per run (default 20)")
     p.add_argument("--warmup", type=positive(int), default=3, help="untimed steps first (default 3)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")

@@ -56,6 +56,7 @@ class DiTConfig:
     latent_scale: float = 1.0  # multiplies the VAE's latents to unit variance; set from the latent store
     num_actions: int = 0      # latent actions a frame is conditioned on; 0: none (the unconditioned DiT)
     action_dropout: float = 0.1  # training: share of frames whose action becomes the learned "no action"
+    lam_clip_len: int = 4     # frames per clip the LAM labelled the training actions in; generation labels alike
 
 
 PRESETS = {
@@ -71,6 +72,15 @@ def check_vae(config, vae_config):
     if (config.rows * config.cols, config.latent_dim) != expected:
         raise ValueError(f"the VAE makes latents of shape {expected}, the DiT takes "
                         f"({config.rows * config.cols}, {config.latent_dim}): train them on the same VAE")
+
+
+def check_lam(config, lam_config):
+    """The LAM must read the DiT's latents and have its number of actions: ValueError otherwise."""
+    takes = (lam_config.rows * lam_config.cols, lam_config.latent_dim) if lam_config.input == "latents" else "pixels"
+    if takes != (config.rows * config.cols, config.latent_dim) or lam_config.num_actions != config.num_actions:
+        raise ValueError(f"the LAM takes {takes} with {lam_config.num_actions} actions, the DiT latents of shape "
+                         f"({config.rows * config.cols}, {config.latent_dim}) with {config.num_actions} actions: put "
+                         f"the LAM the DiT was trained with (train_dit.py --lam) in lam/")
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -184,6 +194,7 @@ class Sampler:
         self.model, self.steps, self.context_t, self.cached, self.cfg_scale = model, steps, context_t, cached, cfg_scale
         self.window = model.config.seq_len - 1
         self.cache = self.past = self.past_actions = self.last = self.last_action = self.generator = None
+        self.holder = None  # of the worlds sharing this sampler, the one whose context it holds (play.World)
 
     def noise(self, like):
         return torch.randn(like.shape, device=like.device, generator=self.generator, dtype=like.dtype)

@@ -124,7 +124,7 @@ class Sampler:
         self.model, self.steps, self.temperature, self.cached = model, steps, temperature, cached
         self.window = model.config.context - 1
         self.cache = self.context = self.conditions = None
-        self.holder = None  # of the worlds sharing this sampler, the one whose context it holds (play.GenieWorld)
+        self.holder = None  # of the worlds sharing this sampler, the one whose context it holds (play.World)
 
     @torch.no_grad()
     def start(self, tokens, actions=None):

@@ -42,6 +42,13 @@ dit reports (-> results/dit_eval.json and a plot beside it), each a list over ho
   best_of_k_psnr                       with --samples K > 1: per clip and step the best PSNR of K continuations
                                        (other noise, same prompt), averaged over the clips: the usual measure for a
                                        stochastic predictor, which may pick any of the futures the prompt allows
+  a DiT with latent actions (train_dit.py --lam; its LAM in MODELS/lam) is led on by the LAM's reading of the true
+  continuation (psnr, also as rollout_psnr), and adds:
+  random_action_psnr, delta_psnr_t4,   the same prompts led on by random latent actions, and the controllability
+  delta_psnr_long                      psnr - random_action_psnr at t = 4 and at t = --horizon (as genie's)
+  lam_usage, lam_codes_used            the share of the clips' transitions per latent action, those with >= 2 %
+  nmi, nmi_effect, effect_accuracy,    where the store holds the true actions: as genie's, and MODELS/meaning.json
+  horizontal_accuracy, meaning         for play.py
 """
 import argparse
 import json
@@ -57,7 +64,7 @@ from tqdm import tqdm
 import dit
 import dynamics
 from dataset import FrameStore, WindowDataset, open_frames, require_size, spread_frames
-from generate import load_world
+from generate import CFG_SCALE, encode_clips, inferred_actions, load_world
 from lam import LatentActionModel
 from utils import UserError, atomic_path, atomic_write_text, autocast, from_uint8, get_device, load_model, positive, \
     run_cli, seed_everything
@@ -205,6 +212,12 @@ def draw_confusion(path, table, row_names, title):
         cv2.imwrite(str(tmp), image[..., ::-1])
 
 
+def write_meaning(models, data, transitions, meaning):
+    """MODELS/meaning.json, where play.py finds what each latent action does (play.read_meaning)."""
+    atomic_write_text(models / "meaning.json", json.dumps({"data": str(data), "transitions": transitions,
+                                                           "meaning": meaning}, indent=1))
+
+
 @torch.no_grad()
 def rollout(tokenizer, sampler, first, actions, generator):
     """Generate frames from the prompt first (B, 3, H, W) and actions (B, L): -> (B, L, 3, H, W)."""
@@ -290,8 +303,7 @@ def evaluate_genie(args):
     draw_confusion(json_path.with_name(json_path.stem + "_confusion.png"), table, names,
                    f"true action (rows) x latent action (columns), NMI {results['nmi']:.3f}")
     atomic_write_text(json_path, json.dumps(results, indent=1))
-    atomic_write_text(models / "meaning.json", json.dumps({"data": str(args.data), "transitions": len(latent),
-                                                           "meaning": results["meaning"]}, indent=1))
+    write_meaning(models, args.data, len(latent), results["meaning"])
 
     print(f"held-out clips        {len(picks)} x {args.horizon + 1} frames of {args.data}")
     if tokenizer is not None:
@@ -399,7 +411,11 @@ def plot_logs(args):
 @torch.no_grad()
 def evaluate_dit(args):
     device = get_device(args.device)
-    vae, model = load_world(args.models, device)
+    vae, model, action_model = load_world(args.models, device)
+    conditioned = model.config.num_actions > 0
+    if conditioned and action_model is None:
+        raise UserError(f"{args.models}/dit takes latent actions: put the LAM it was trained with (train_dit.py --lam) "
+                        f"in {Path(args.models) / 'lam'} to evaluate it")
     c = vae.config
     store = open_frames(args.data, size=(c.width, c.height))
     require_size(store, c.width, c.height)
@@ -407,24 +423,39 @@ def evaluate_dit(args):
     picks = np.linspace(0, len(windows) - 1, min(args.clips, len(windows))).round().astype(int)
     generator = torch.Generator(device).manual_seed(args.seed)
     scale = model.config.latent_scale
-    sampler = dit.Sampler(model, args.steps, args.context_t)
-    keys = ["psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr"] + (["best_of_k_psnr"] if args.samples > 1 else [])
+    sampler = dit.Sampler(model, args.steps, args.context_t, cfg_scale=args.cfg_scale)
+    keys = ["psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr"] + \
+        ["best_of_k_psnr"] * (args.samples > 1) + ["random_action_psnr"] * conditioned
     sums = {k: torch.zeros(args.horizon) for k in keys}
+    latent, true = [], []  # the LAM's actions of the clips' transitions, and the store's true ones when it has them
+
+    def continue_clips(context, actions):  # -> decoded continuations (B, H, 3, h, w)
+        generated = sampler.rollout(context, args.horizon, generator, actions) / scale
+        return vae.decode(generated.flatten(0, 1)).float().unflatten(0, (len(context), args.horizon))
+
     for chunk in tqdm(np.array_split(picks, max(1, len(picks) // args.batch_size)), desc="evaluate dit"):
-        frames = from_uint8(torch.stack([windows[int(i)]["frames"] for i in chunk]).to(device))  # (B, P + H, 3, h, w)
+        clips = [windows[int(i)] for i in chunk]
+        frames = from_uint8(torch.stack([clip["frames"] for clip in clips]).to(device))  # (B, P + H, 3, h, w)
         prompt, truth = frames[:, :args.prompt_frames], frames[:, args.prompt_frames:]
         with autocast(device):
-            mu, logvar = vae.encode(prompt.flatten(0, 1))  # (B * P, N, C)
-            noise = torch.randn(mu.shape, device=device, generator=generator)
-            context = ((mu.float() + (0.5 * logvar.float()).exp() * noise) * scale).unflatten(0, prompt.shape[:2])
+            draws, means = encode_clips(vae, model, frames, generator)  # (B, P + H, N, C) each
+            context = draws[:, :args.prompt_frames]
+            led_to = inferred_actions(action_model, model, means) if conditioned else None  # (B, P + H)
             samples = []  # K continuations of the same context: (B, H) PSNRs each; the first is the reported one
             for k in range(args.samples):
-                generated = sampler.rollout(context, args.horizon, generator) / scale
-                decoded = vae.decode(generated.flatten(0, 1)).float().unflatten(0, truth.shape[:2])  # (B, H, 3, h, w)
+                decoded = continue_clips(context, led_to)
                 if k == 0:
                     first = decoded
                 samples.append(psnr(decoded, truth).cpu())
-            recon = vae.decode(vae.encode(truth.flatten(0, 1))[0]).float().unflatten(0, truth.shape[:2])
+            if conditioned:  # the same prompt, led on by random latent actions: what the actions are worth
+                shuffled = led_to.clone()
+                shuffled[:, args.prompt_frames:] = torch.randint(0, model.config.num_actions, truth.shape[:2],
+                                                                 device=device, generator=generator)
+                sums["random_action_psnr"] += psnr(continue_clips(context, shuffled), truth).sum(0).cpu()
+                latent.append(led_to[:, 1:].flatten().cpu())
+                if store.has_actions:  # actions[:, k] was taken at frame k: the transition to frame k + 1
+                    true.append(torch.stack([clip["actions"][:-1] for clip in clips]).flatten())
+            recon = vae.decode((means[:, args.prompt_frames:] / scale).flatten(0, 1)).float().unflatten(0, truth.shape[:2])
         last = prompt[:, -1:].expand_as(truth)  # the baseline: nothing moves after the prompt
         sums["psnr"] += samples[0].sum(0)
         sums["ssim"] += ssim(first, truth).sum(0).cpu()
@@ -435,25 +466,52 @@ def evaluate_dit(args):
         sums["recon_psnr"] += psnr(recon, truth).sum(0).cpu()
     result = {k: [round(float(v), 4) for v in s / len(picks)] for k, s in sums.items()}
     result.update(clips=len(picks), samples=args.samples, horizon=args.horizon, prompt_frames=args.prompt_frames,
-                  steps=args.steps,
-                  context_t=args.context_t, models=str(args.models), data=str(args.data))
+                  steps=args.steps, context_t=args.context_t, cfg_scale=args.cfg_scale, models=str(args.models),
+                  data=str(args.data))
+    t4 = min(4, args.horizon) - 1
+    if conditioned:
+        inferred, shuffled = result["psnr"], result["random_action_psnr"]
+        result.update(rollout_psnr=inferred, delta_psnr_t4=inferred[t4] - shuffled[t4],
+                      delta_psnr_long=inferred[-1] - shuffled[-1])
+        latent = torch.cat(latent).numpy()
+        usage = np.bincount(latent, minlength=model.config.num_actions) / len(latent)
+        result.update(lam_usage=usage.tolist(), lam_codes_used=int((usage >= 0.02).sum()))
+        if true:
+            names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+            result.update(latent_action_figures(latent, torch.cat(true).numpy(), names, store.meta["source"],
+                                                model.config.num_actions, np.random.default_rng(args.seed)))
     json_path = Path(args.json or "results/dit_eval.json")
     atomic_write_text(json_path, json.dumps(result, indent=1))
+    if "meaning" in result:
+        write_meaning(Path(args.models), args.data, len(latent), result["meaning"])
     plot = json_path.with_suffix(".png")
     steps = range(1, args.horizon + 1)
-    curves = {"DiT": (steps, result["psnr"]), "copy last prompt frame": (steps, result["baseline_psnr"]),
+    curves = {"DiT" + (", inferred actions" if conditioned else ""): (steps, result["psnr"]),
+              "copy last prompt frame": (steps, result["baseline_psnr"]),
               "VAE reconstruction": (steps, result["recon_psnr"])}
+    if conditioned:
+        curves["DiT, random actions"] = (steps, result["random_action_psnr"])
     if args.samples > 1:
         curves[f"DiT, best of {args.samples}"] = (steps, result["best_of_k_psnr"])
     draw_curves(plot, curves, "held-out continuation")
     print(f"{len(picks)} held-out clips, {args.prompt_frames} prompt frames, horizon {args.horizon}")
-    best = f" best of {args.samples}" if args.samples > 1 else ""
-    print(f"  {'step':>4s} {'psnr':>7s} {'ssim':>6s} {'copy psnr':>9s} {'copy ssim':>9s} {'vae psnr':>8s}{best}")
+    columns = [("psnr", "psnr"), ("ssim", "ssim"), ("baseline_psnr", "copy psnr"), ("baseline_ssim", "copy ssim"),
+               ("recon_psnr", "vae psnr")] + [("random_action_psnr", "random actions")] * conditioned + \
+        [("best_of_k_psnr", f"best of {args.samples}")] * (args.samples > 1)
+    print("  step " + " ".join(f"{name:>{max(7, len(name))}}" for _, name in columns))
     for h in range(args.horizon):
-        print(f"  {h + 1:4d} {result['psnr'][h]:7.2f} {result['ssim'][h]:6.3f} {result['baseline_psnr'][h]:9.2f} "
-              f"{result['baseline_ssim'][h]:9.3f} {result['recon_psnr'][h]:8.2f}"
-              + (f" {result['best_of_k_psnr'][h]:{len(best)}.2f}" if best else ""))
-    print(f"wrote {json_path} and {plot}")
+        print(f"  {h + 1:4d} " + " ".join(f"{result[key][h]:{max(7, len(name))}.{3 if 'ssim' in key else 2}f}"
+                                          for key, name in columns))
+    if conditioned:
+        print(f"Delta PSNR (inferred - random latent actions): t={t4 + 1} {result['delta_psnr_t4']:+.2f} dB, "
+              f"t={args.horizon} {result['delta_psnr_long']:+.2f} dB; latent actions used "
+              f"{result['lam_codes_used']} of {model.config.num_actions}")
+    if "meaning" in result:
+        print(f"NMI with true actions {result['nmi']:.3f} (chance {result['nmi_chance']:.3f}), with effects "
+              f"{result['nmi_effect']:.3f} (chance {result['nmi_effect_chance']:.3f}); effect accuracy "
+              f"{result['effect_accuracy']:.1%} (majority {result['effect_majority']:.1%})")
+        print("meaning " + ", ".join(f"{m['action']}: {m['effect']} ({m['share']:.0%})" for m in result["meaning"]))
+    print(f"wrote {json_path} and {plot}" + (f" and {Path(args.models) / 'meaning.json'}" if "meaning" in result else ""))
     return result
 
 
@@ -488,6 +546,8 @@ def main():
     p.add_argument("--horizon", type=positive(int), default=16, help="frames generated per clip (default 16)")
     p.add_argument("--steps", type=positive(int), default=10, help="Euler steps per frame (default 10)")
     p.add_argument("--context_t", type=float, default=0.95, help="flow time of the context frames (default 0.95)")
+    p.add_argument("--cfg_scale", type=float, default=CFG_SCALE,
+                   help=f"a DiT with latent actions: their classifier-free guidance (default {CFG_SCALE:g})")
     p.add_argument("--samples", type=positive(int), default=1,
                    help="continuations per clip; K > 1 adds best_of_k_psnr, the best of K per clip (default 1)")
     p.add_argument("--batch_size", type=positive(int), default=8, help="clips per batch (default 8)")
@@ -507,6 +567,8 @@ def main():
     elif args.command == "vae":
         evaluate_vae(args)
     elif args.command == "dit":
+        if args.cfg_scale < 0:
+            raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
         evaluate_dit(args)
 
 

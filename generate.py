@@ -11,6 +11,11 @@ and sampled from the VAE's posterior. Each new frame starts as noise at t = 0 an
 steps while the context sits at --context_t; it then joins the context, whose keys and values are cached (dit.Sampler), and
 past the DiT's training length the window slides. The mp4 shows the prompt then the continuation (with
 --side_by_side: the true video on the left); a gif is written beside it.
+
+A DiT trained with latent actions (train_dit.py --lam; the LAM in lam/ beside it) is steered: each generated frame is
+led to by a latent action, --actions "3,3,1,..." or, without it, the LAM's reading of the true continuation when the
+video has one (else random actions); --cfg_scale > 1 follows them more (classifier-free guidance, dit.Sampler).
+  python generate.py --prompt_video videos/coinrun_wide --models models/ --actions 2,2,2,2,2,2,2,2 --cfg_scale 2
 """
 import argparse
 import time
@@ -21,10 +26,13 @@ import torch
 from tqdm import tqdm
 
 from dataset import WindowDataset, open_frames
-from dit import DiT, Sampler, check_vae
+from dit import DiT, Sampler, check_lam, check_vae
 from utils import (UserError, add_step_compile_flag, autocast, compile_step, first_line, from_uint8, get_device,
-                   load_model, positive, run_cli, to_uint8, write_gif, write_mp4)
+                   load_model, parse_actions, positive, run_cli, to_uint8, write_gif, write_mp4)
+from lam import LatentActionModel
 from vae2 import ViTVAE
+
+CFG_SCALE = 1.0  # generate.py's and play.py's default guidance of the latent actions
 
 
 def model_folder(models):
@@ -41,14 +49,20 @@ def model_folder(models):
 
 
 def load_world(models, device):
-    """The VAE and the DiT of a models folder, checked to fit together."""
+    """The VAE, the DiT and the LAM of a models folder (vae2/, dit/, and lam/ for a DiT that takes latent actions;
+    None without it), checked to fit together."""
     root = model_folder(models)
     vae, model = load_model(ViTVAE, root / "vae2", device), load_model(DiT, root / "dit", device)
+    action_model = None
+    if model.config.num_actions and (root / "lam").is_dir():
+        action_model = load_model(LatentActionModel, root / "lam", device)
     try:
         check_vae(model.config, vae.config)
+        if action_model is not None:
+            check_lam(model.config, action_model.config)
     except ValueError as e:
         raise UserError(f"{root}: {e}") from None
-    return vae, model
+    return vae, model, action_model
 
 
 def compile_world(vae, model, device):
@@ -58,9 +72,26 @@ def compile_world(vae, model, device):
     vae.decode = compile_step(vae.decode, device)
 
 
+def encode_clips(vae, model, frames, generator):
+    """Clips (B, T, 3, H, W) in [-1, 1] -> (posterior draws, posterior means), scaled latents (B, T, N, C) each: the
+    draws are the DiT's context (as in its training), the means what the LAM labels (as dataset.open_latent_actions)."""
+    mu, logvar = vae.encode(frames.flatten(0, 1))  # (B * T, N, C)
+    noise = torch.randn(mu.shape, device=mu.device, generator=generator)
+    draws = (mu.float() + (0.5 * logvar.float()).exp() * noise) * model.config.latent_scale
+    means = mu.float() * model.config.latent_scale
+    return draws.unflatten(0, frames.shape[:2]), means.unflatten(0, frames.shape[:2])
+
+
+def inferred_actions(action_model, model, means):
+    """The LAM's latent actions of clips of scaled posterior means (B, T, N, C), labelled as the DiT's training
+    actions were -> the action that led to each frame (B, T), frame 0's "no action"."""
+    actions = action_model.infer_actions(means, model.config.lam_clip_len)  # (B, T - 1)
+    return torch.cat([model.no_action(actions[:, :1]), actions], dim=1)
+
+
 def decode_frame(vae, model, latents):
-    """A generated frame's scaled latents (1, 1, N, C) -> uint8 pixels (1, H, W, 3), as the video gets them."""
-    return to_uint8(vae.decode(latents[0] / model.config.latent_scale))
+    """Generated frames' scaled latents (B, 1, N, C) -> uint8 pixels (B, H, W, 3), as the video gets them."""
+    return to_uint8(vae.decode(latents[:, 0] / model.config.latent_scale))
 
 
 def main():
@@ -69,11 +100,18 @@ def main():
     parser.add_argument("--prompt_max_frames", type=positive(int), default=10000,
                         help="pick the prompt from the first this many frames (default 10000)")
     parser.add_argument("--prompt_frames", type=positive(int), default=16, help="frames of prompt (default 16)")
-    parser.add_argument("--num_frames", type=positive(int), default=48, help="frames to generate (default 48)")
+    parser.add_argument("--num_frames", type=positive(int),
+                        help="frames to generate (default: one per --actions, else 48)")
+    parser.add_argument("--actions", help="a DiT trained with --lam: the latent action leading to each generated "
+                                          "frame, e.g. '3,3,1,0' (default: the LAM's reading of the true continuation "
+                                          "where the video has one, else random actions)")
+    parser.add_argument("--cfg_scale", type=float, default=CFG_SCALE,
+                        help="classifier-free guidance of the actions: 1 = none, larger follows them more "
+                             f"(default {CFG_SCALE:g})")
     parser.add_argument("--steps", type=positive(int), default=10, help="Euler steps per frame (default 10)")
     parser.add_argument("--context_t", type=float, default=0.95,
                         help="flow time of the context frames: 1 = clean, lower = noisier (default 0.95)")
-    parser.add_argument("--models", default="models/", help="folder or hub repo id with vae2/ and dit/")
+    parser.add_argument("--models", default="models/", help="folder or hub repo id with vae2/ and dit/ (and lam/)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt window and the noise")
     parser.add_argument("--output", default="generated_video.mp4", help="mp4 to write; the gif goes beside it")
     parser.add_argument("--side_by_side", action="store_true",
@@ -83,8 +121,21 @@ def main():
     args = parser.parse_args()
     if not 0 < args.context_t <= 1:
         raise UserError(f"--context_t must be in (0, 1], not {args.context_t}")
+    if args.cfg_scale < 0:
+        raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
     device = get_device(args.device)
-    vae, model = load_world(args.models, device)
+    vae, model, action_model = load_world(args.models, device)
+    num_actions = model.config.num_actions
+    actions = None
+    if args.actions is not None:
+        if not num_actions:
+            raise UserError(f"{args.models}: this DiT takes no latent actions (train it with train_dit.py --lam to "
+                            f"steer it); leave out --actions")
+        actions = parse_actions(args.actions, num_actions)
+        if args.num_frames not in (None, len(actions)):
+            raise UserError(f"--actions gives {len(actions)} actions for --num_frames {args.num_frames}: give one "
+                            f"per generated frame")
+    num_frames = args.num_frames or (len(actions) if actions else 48)
     if args.compile:
         compile_world(vae, model, device)
     c = vae.config
@@ -93,34 +144,49 @@ def main():
         raise UserError(f"{args.prompt_video} holds {store.width}x{store.height} frames; the VAE takes "
                         f"{c.width}x{c.height}")
 
-    # the prompt window (never across an episode boundary), and the true continuation beside it when asked
-    shown = args.prompt_frames + (args.num_frames if args.side_by_side else 0)
-    needed = f"{shown} frames in one episode (--prompt_frames" + (" + --num_frames with --side_by_side)" if
-                                                                 args.side_by_side else ")")
-    try:
-        starts = WindowDataset(store, shown, split="all").starts
-    except UserError:
-        raise UserError(f"{args.prompt_video} is too short: {store.count} frames at {store.fps:g} fps, fewer than "
-                        f"{needed}") from None
-    starts = starts[starts <= args.prompt_max_frames - args.prompt_frames]
-    if len(starts) == 0:
-        raise UserError(f"the first --prompt_max_frames {args.prompt_max_frames} frames hold no {needed}")
+    # the prompt window (never across an episode boundary), with the true continuation after it when it is shown or
+    # when the LAM reads the actions from it (then only where the video has one)
+    read_truth = actions is None and action_model is not None
+    lengths = [args.prompt_frames + num_frames] * (args.side_by_side or read_truth) + \
+        [args.prompt_frames] * (not args.side_by_side)
+    for length in lengths:
+        try:
+            starts = WindowDataset(store, length, split="all").starts
+        except UserError:
+            starts = np.zeros(0, int)
+        starts = starts[starts <= args.prompt_max_frames - args.prompt_frames]
+        if len(starts):
+            break
+    else:
+        needed = f"{length} frames in one episode (--prompt_frames" + \
+            (" + --num_frames with --side_by_side)" if args.side_by_side else ")")
+        raise UserError(f"{args.prompt_video} ({store.count} frames at {store.fps:g} fps) holds fewer than {needed} "
+                        f"within its first --prompt_max_frames {args.prompt_max_frames} frames")
     start = int(np.random.default_rng(args.seed).choice(starts))
-    truth = np.array(store.frames[start:start + shown])  # (T, H, W, 3) uint8
-    prompt = from_uint8(torch.from_numpy(truth[:args.prompt_frames]).to(device).permute(0, 3, 1, 2))
+    truth = np.array(store.frames[start:start + length])  # (T, H, W, 3) uint8
 
     generator = torch.Generator(device).manual_seed(args.seed)
-    scale = model.config.latent_scale
     frames = []
     with torch.no_grad(), autocast(device):
-        mu, logvar = vae.encode(prompt)  # (P, N, C)
-        noise = torch.randn(mu.shape, device=device, generator=generator)
-        context = ((mu.float() + (0.5 * logvar.float()).exp() * noise) * scale)[None]  # (1, P, N, C)
-        sampler = Sampler(model, args.steps, args.context_t).start(context, generator)
+        clip = from_uint8(torch.from_numpy(truth).to(device).permute(0, 3, 1, 2))[None]  # (1, T, 3, H, W)
+        draws, means = encode_clips(vae, model, clip, generator)
+        led_to = inferred_actions(action_model, model, means) if action_model is not None else None  # (1, T)
+        if actions is not None:
+            new, source = torch.tensor([actions], device=device), "--actions"
+        elif led_to is not None and length > args.prompt_frames:
+            new, source = led_to[:, args.prompt_frames:], "the LAM's reading of the true continuation"
+        else:
+            new = torch.randint(0, max(1, num_actions), (1, num_frames), device=device, generator=generator)
+            source = "random"
+        if num_actions:
+            print(f"latent actions ({source}): {','.join(str(a) for a in new[0].tolist())}")
+        sampler = Sampler(model, args.steps, args.context_t, cfg_scale=args.cfg_scale)
+        sampler.start(draws[:, :args.prompt_frames], generator,
+                      None if led_to is None else led_to[:, :args.prompt_frames])
         started = time.time()
-        with tqdm(total=args.num_frames, unit="frame", desc="generate") as bar:
-            for i in range(args.num_frames):
-                frames.append(decode_frame(vae, model, sampler.next_frame()))
+        with tqdm(total=num_frames, unit="frame", desc="generate") as bar:
+            for i in range(num_frames):
+                frames.append(decode_frame(vae, model, sampler.next_frame(new[:, i] if num_actions else None)))
                 bar.update()
                 bar.set_postfix(fps=f"{(i + 1) / (time.time() - started):.2f}")
 
@@ -131,7 +197,7 @@ def main():
     write_mp4(output, video, store.fps)
     write_gif(output.with_suffix(".gif"), video, store.fps)
     print(f"wrote {output} and {output.with_suffix('.gif')}: {args.prompt_frames} prompt frames (from frame {start}) "
-          f"+ {args.num_frames} generated, {args.num_frames / (time.time() - started):.2f} frames/s")
+          f"+ {num_frames} generated, {num_frames / (time.time() - started):.2f} frames/s")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,11 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         return loss, logs
 
     @torch.no_grad()
-    def infer_actions(self, frames):
-        """Clips -> (B, T - 1) int64 latent actions in [0, num_actions); never restarts codes."""
-        return self.vq.nearest(self.encode(frames))
+    def infer_actions(self, frames, clip_len=None):
+        """Clips -> (B, T - 1) int64 latent actions in [0, num_actions); never restarts codes. With clip_len, the
+        clips are cut into pieces of clip_len frames overlapping by one (the length the LAM was trained on), so that
+        each transition is labelled seeing only its piece's frames up to it, as dataset.label_transitions does."""
+        if clip_len is None:
+            return self.vq.nearest(self.encode(frames))
+        starts = range(0, frames.shape[1] - 1, clip_len - 1)
+        return torch.cat([self.infer_actions(frames[:, s:s + clip_len]) for s in starts], dim=1)

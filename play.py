@@ -1,15 +1,17 @@
-"""Play a learned Genie world with its latent actions.
+"""Play a learned world with its latent actions: a Genie world (train_genie.py) or a diffusion world (train_dit.py --lam).
 
   python play.py --models models/genie                                                 # a page in the browser
   python play.py --models models/genie --actions "3,3,1,0,0,5" --use_dataset_frame   # batch: PNGs, gif and mp4
   python play.py --models models/genie --image frame.png --ui terminal                 # keys 0-7 step, r resets, q quits
+  python play.py --models models --steps 2                           # the diffusion world of models/{vae2,lam,dit}
 
 On a GPU server with no screen, the page is reached through an SSH port forward, as with TensorBoard:
   server$ python play.py --models models/genie            # prints the URL and the ssh line
   laptop$ ssh -N -L 8765:127.0.0.1:8765 you@server        # then open http://localhost:8765/
 
-Every front end talks to a `GenieWorld`: reset() -> frame, step(action) -> frame (uint8 (64, 64, 3)). The world's
-dynamics.Sampler keeps the key/value cache, so a step runs the transformer only on the new frame's tokens.
+Every front end talks to a world: reset() -> frame, step(action) -> frame (uint8 (H, W, 3): 64x64 for Genie, the
+VAE's 320x180 for diffusion). Each world's sampler (dynamics.Sampler, dit.Sampler) keeps the key/value cache, so a step
+runs the transformer only on the new frame's tokens.
 """
 import argparse
 import base64
@@ -32,27 +34,73 @@ import cv2
 import numpy as np
 import torch
 
-from dataset import FrameStore, split_episodes
+import dit
+from dataset import open_frames, require_size, split_episodes
 from dynamics import Dynamics, Sampler
+from generate import CFG_SCALE, compile_world, decode_frame, load_world, model_folder
 from utils import (UserError, add_step_compile_flag, autocast, compile_step, from_uint8, get_device, load_model,
-                   run_cli, seed_everything, to_uint8, write_gif, write_mp4)
+                   parse_actions, positive, run_cli, seed_everything, to_uint8, write_gif, write_mp4)
 from vae import Tokenizer
 
 
-class GenieWorld:
+class World:
     """A batch of worlds stepped together (batch 1 for play). Frames are uint8 (B, H, W, 3).
 
     The interface every front end uses: reset(frames) -> frames, step(actions) -> frames, undo() -> frames,
-    num_actions, and `meaning` (read_meaning: what each latent action does, or None). Any world model that offers these
-    plugs into the terminal and web front ends. Runs in bf16 on CUDA."""
+    spawn(seed) -> a world on the same models, num_actions, frame_size (H, W), and `meaning` (read_meaning: what each
+    latent action does, or None). A world model plugs into the batch, terminal and web front ends by giving encode,
+    decode, advance and start_sampler. Runs in bf16 on CUDA.
+
+    A world keeps its trajectory for undo: `latents`, the model's form of each frame, and `actions`, those taken
+    between them. Worlds spawned from one share its sampler (one browser session each): one key/value cache for all,
+    so a compiled step sees the same tensors whichever world steps. The sampler holds one world's context at a time
+    (`sampler.holder`); a world that finds another's there starts it again from its own frames."""
+
+    def __init__(self, num_actions, frame_size, sampler, seed, meaning):
+        self.num_actions, self.frame_size, self.sampler, self.meaning = num_actions, frame_size, sampler, meaning
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.latents, self.actions = [], []
+
+    @torch.no_grad()
+    def reset(self, frames):
+        """Start from prompt frames uint8 (B, H, W, 3); returns them as the model sees them (encoded and decoded)."""
+        x = from_uint8(torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2))
+        with autocast(self.device):
+            self.latents, self.actions = [self.encode(x)], []
+            self.start_sampler()
+            return self.decode(self.latents[0])
+
+    @torch.no_grad()
+    def step(self, actions):
+        """Advance every world by one latent action, actions (B,) ints; returns the new frames."""
+        actions = torch.as_tensor(actions, device=self.device).long().view(-1)
+        with autocast(self.device):
+            if self.sampler.holder is not self:
+                self.start_sampler()
+            self.latents.append(self.advance(actions))
+            self.actions.append(actions)
+            return self.decode(self.latents[-1])
+
+    @torch.no_grad()
+    def undo(self):
+        """Go back one step (never past the prompt); the sampler starts again from the last context frames."""
+        if len(self.latents) > 1:
+            self.latents.pop()
+            self.actions.pop()
+        with autocast(self.device):
+            self.start_sampler()
+            return self.decode(self.latents[-1])
+
+
+class GenieWorld(World):
+    """The Genie world (train_genie.py): tokenizer/ and dynamics/; a step is MaskGIT decoding of the next frame's
+    tokens by dynamics.Sampler, against the cached context."""
 
     def __init__(self, tokenizer, dynamics, maskgit_steps=8, temperature=0.0, seed=0, meaning=None, sampler=None):
-        self.tokenizer, self.dynamics, self.meaning = tokenizer, dynamics, meaning
+        self.tokenizer, self.dynamics = tokenizer, dynamics
         self.device = next(dynamics.parameters()).device
-        self.num_actions = dynamics.config.num_actions
-        self.generator = torch.Generator(self.device).manual_seed(seed)
-        self.sampler = sampler or Sampler(dynamics, maskgit_steps, temperature)
-        self.tokens, self.actions = [], []  # the trajectory so far, for undo
+        super().__init__(dynamics.config.num_actions, (tokenizer.config.image_size,) * 2,
+                         sampler or Sampler(dynamics, maskgit_steps, temperature), seed, meaning)
 
     @classmethod
     def load(cls, models, device=None, **options):
@@ -67,49 +115,82 @@ class GenieWorld:
         self.tokenizer.decode = compile_step(self.tokenizer.decode, self.device)
 
     def spawn(self, seed):
-        """Another world on the same models (one per browser session), sharing this one's sampler: one KV cache for
-        all of them, so a compiled step sees the same tensors whichever world steps. The sampler holds one world's
-        context at a time (`sampler.holder`); a world that finds another's there starts it again from its own frames."""
         return GenieWorld(self.tokenizer, self.dynamics, seed=seed, meaning=self.meaning, sampler=self.sampler)
+
+    def encode(self, x):  # (B, 3, H, W) -> tokens (B, rows, cols)
+        return self.tokenizer.encode(x)
+
+    def decode(self, tokens):
+        return to_uint8(self.tokenizer.decode(tokens))
+
+    def advance(self, actions):
+        return self.sampler.step(actions, self.generator)
 
     def start_sampler(self):
         """The sampler continues from this world's last context - 1 frames and the actions between them."""
-        frames = self.tokens[-(self.dynamics.config.context - 1):]
+        frames = self.latents[-(self.dynamics.config.context - 1):]
         actions = self.actions[len(self.actions) - (len(frames) - 1):]
         actions = torch.stack(actions, 1) if actions else frames[0].new_zeros(len(frames[0]), 0)
         self.sampler.start(torch.stack(frames, 1), actions)
         self.sampler.holder = self
 
-    @torch.no_grad()
-    def reset(self, frames):
-        """Start from prompt frames uint8 (B, H, W, 3); returns them as the model sees them (tokenised)."""
-        x = from_uint8(torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2))
-        with autocast(self.device):
-            self.tokens, self.actions = [self.tokenizer.encode(x)], []  # [(B, rows, cols)]
-            self.start_sampler()
-            return to_uint8(self.tokenizer.decode(self.tokens[0]))
 
-    @torch.no_grad()
-    def step(self, actions):
-        """Advance every world by one latent action, actions (B,) ints; returns the new frames."""
-        actions = torch.as_tensor(actions, device=self.device).long().view(-1)
-        with autocast(self.device):
-            if self.sampler.holder is not self:
-                self.start_sampler()
-            tokens = self.sampler.step(actions, self.generator)
-            self.tokens.append(tokens)
-            self.actions.append(actions)
-            return to_uint8(self.tokenizer.decode(tokens))
+class DiffusionWorld(World):
+    """The diffusion world of a models folder (vae2/, dit/ trained with --lam, lam/). A step is one frame of
+    dit.Sampler led to by the chosen latent action: its Euler steps run the DiT on the new frame's tokens only, against
+    the key/value cache of the last seq_len - 1 frames; the VAE decodes it."""
 
-    @torch.no_grad()
-    def undo(self):
-        """Go back one step (never past the prompt); the sampler starts again from the last context frames."""
-        if len(self.tokens) > 1:
-            self.tokens.pop()
-            self.actions.pop()
-        with autocast(self.device):
-            self.start_sampler()
-            return to_uint8(self.tokenizer.decode(self.tokens[-1]))
+    def __init__(self, vae, model, steps=4, cfg_scale=CFG_SCALE, seed=0, meaning=None, sampler=None):
+        self.vae, self.model = vae, model
+        self.device = next(model.parameters()).device
+        super().__init__(model.config.num_actions, (vae.config.height, vae.config.width),
+                         sampler or dit.Sampler(model, steps, cfg_scale=cfg_scale), seed, meaning)
+
+    @classmethod
+    def load(cls, models, device=None, **options):
+        device = get_device(device)
+        vae, model, _ = load_world(models, device)
+        if not model.config.num_actions:
+            raise UserError(f"{models}/dit takes no latent actions, so it cannot be played: train it with "
+                            f"train_dit.py --lam")
+        return cls(vae, model, meaning=read_meaning(models), **options)
+
+    def compile(self):
+        compile_world(self.vae, self.model, self.device)
+
+    def spawn(self, seed):
+        return DiffusionWorld(self.vae, self.model, seed=seed, meaning=self.meaning, sampler=self.sampler)
+
+    def encode(self, x):  # (B, 3, H, W) -> scaled latents (B, 1, N, C): the VAE's means
+        return (self.vae.encode(x)[0].float() * self.model.config.latent_scale)[:, None]
+
+    def decode(self, latents):
+        return decode_frame(self.vae, self.model, latents)
+
+    def advance(self, actions):
+        return self.sampler.next_frame(actions)
+
+    def start_sampler(self):
+        """The sampler continues from this world's last seq_len - 1 frames and the actions that led to them (the
+        prompt's: none)."""
+        frames = self.latents[-self.sampler.window:]
+        first = len(self.latents) - len(frames)  # the window's first frame; frame k > 0 was led to by actions[k - 1]
+        led_to = [self.actions[first - 1][:, None] if first else self.model.no_action(frames[0][:, :, 0, 0])]
+        led_to += [a[:, None] for a in self.actions[first:]]
+        self.sampler.start(torch.cat(frames, 1), self.generator, torch.cat(led_to, 1))
+        self.sampler.holder = self
+
+
+def load_any_world(models, device, options):
+    """The world in a models folder: Genie's (tokenizer/, dynamics/) or diffusion's (vae2/, dit/), with the options
+    of its kind (options: {"genie": {...}, "diffusion": {...}})."""
+    root = model_folder(models)
+    if (root / "dynamics").is_dir():
+        return GenieWorld.load(root, device, **options["genie"])
+    if (root / "dit").is_dir():
+        return DiffusionWorld.load(root, device, **options["diffusion"])
+    raise UserError(f"{models} holds no world to play: neither tokenizer/ and dynamics/ (train_genie.py) nor vae2/, "
+                    f"dit/ and lam/ (train_vae.py, train_lam.py, train_dit.py --lam)")
 
 
 # What each key of the page asks for, in order of preference: an effect name of evaluate.action_effect, or a word of one.
@@ -118,7 +199,8 @@ KEY_EFFECTS = {"ArrowLeft": ["left"], "ArrowRight": ["right"], "ArrowUp": ["jump
 
 
 def read_meaning(models):
-    """What each latent action most often did on held-out data, as evaluate.py genie wrote it to MODELS/meaning.json:
+    """What each latent action most often did on held-out data, as evaluate.py (genie or dit) wrote it to
+    MODELS/meaning.json:
     [{"action", "effect", "share", "count"}, ...]; None when the models have not been evaluated."""
     path = Path(models) / "meaning.json"
     if not path.exists():
@@ -127,8 +209,7 @@ def read_meaning(models):
         return [dict(action=int(m["action"]), effect=str(m["effect"]), share=float(m["share"]))
                 for m in json.loads(path.read_text())["meaning"]]
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path} is not the meaning table evaluate.py genie writes; delete it or rerun "
-                        f"evaluate.py genie") from None
+        raise UserError(f"{path} is not the meaning table evaluate.py writes; delete it or rerun evaluate.py") from None
 
 
 def action_labels(meaning, num_actions):
@@ -151,34 +232,30 @@ def default_keymap(meaning):
     return keymap
 
 
-def prompt_frame(args, rng):
-    """The first frame: --image, or a random frame of --data's held-out levels (--use_dataset_frame)."""
+def prompt_frame(args, rng, size):
+    """The first frame, (H, W, 3) uint8 of size (H, W): --image, or a random frame of --data's held-out levels
+    (--use_dataset_frame)."""
     if args.image:
         image = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
         if image is None:
             raise UserError(f"--image {args.image} is not an image file that OpenCV can read")
-        return cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), (64, 64), interpolation=cv2.INTER_AREA)
-    store = FrameStore(args.data)
+        return cv2.resize(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), size[::-1], interpolation=cv2.INTER_AREA)
+    store = open_frames(args.data, size=size[::-1])
+    require_size(store, size[1], size[0])
     ranges = split_episodes(store, "val") or store.episodes()
     start, end = ranges[rng.integers(len(ranges))]
     return np.array(store.frames[rng.integers(start, end)])
 
 
-def parse_actions(text, num_actions):
-    try:
-        actions = [int(a) for a in text.split(",") if a.strip()]
-    except ValueError:
-        raise UserError(f"--actions must be comma-separated integers in [0, {num_actions}), not {text!r}") from None
-    bad = [a for a in actions if not 0 <= a < num_actions]
-    if bad or not actions:
-        raise UserError(f"--actions must be comma-separated integers in [0, {num_actions}); got {bad or text!r}")
-    return actions
+def enlarge(frames):
+    """Frames (..., H, W, 3) of a small world (Genie's 64x64) enlarged 4x with nearest-neighbour, so the pixels stay
+    crisp in PNGs and videos; a world of 256 px or wider as it is."""
+    scale = max(1, 256 // frames.shape[-2])
+    return frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
 
 
-def save_frame(path, frame, scale=4):
-    """Write a frame as PNG, enlarged with nearest-neighbour so the pixels stay crisp."""
-    frame = frame.repeat(scale, axis=0).repeat(scale, axis=1)
-    cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+def save_frame(path, frame):
+    cv2.imwrite(str(path), cv2.cvtColor(enlarge(frame), cv2.COLOR_RGB2BGR))
 
 
 def play_batch(world, first, actions, out):
@@ -187,7 +264,7 @@ def play_batch(world, first, actions, out):
         frames.append(world.step([action])[0])
     for i, frame in enumerate(frames):
         save_frame(out / f"frame_{i:04d}.png", frame)
-    video = np.stack(frames).repeat(4, axis=1).repeat(4, axis=2)
+    video = enlarge(np.stack(frames))
     write_gif(out / "rollout.gif", video, fps=8)
     write_mp4(out / "rollout.mp4", video, fps=8)
     print(f"wrote {len(frames)} frames (prompt + {len(actions)} steps) to {out}: frame_*.png, rollout.gif, rollout.mp4")
@@ -233,9 +310,8 @@ class WebSession:
 
 def warm_up(world):
     """One reset, step and undo of a throwaway world on the same models."""
-    size = world.tokenizer.config.image_size
     scratch = world.spawn(0)
-    scratch.reset(np.zeros((1, size, size, 3), np.uint8))
+    scratch.reset(np.zeros((1, *world.frame_size, 3), np.uint8))
     scratch.step([0])
     scratch.undo()
 
@@ -248,7 +324,7 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
     """Serve play.html and a small JSON API; every action is one POST answered with the new frame.
 
     Why plain HTTP requests: the world advances only when an action arrives, so request/response is the natural shape,
-    a 64x64 PNG is ~4 kB, and it needs nothing but the standard library on the server and fetch() in the page; it goes
+    a 64x64 PNG is ~4 kB (a 320x180 one ~40 kB), and it needs nothing but the standard library on the server and fetch() in the page; it goes
     through an SSH port forward unchanged. Requests from another Origin (or for another Host, DNS rebinding) get 403.
     """
     page = Path(__file__).with_name("play.html").read_bytes()
@@ -305,7 +381,7 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
                     frames = np.stack(self.session(query.get("session", [""])[0]).frames)
                 except KeyError as e:
                     return self.reply(404, {"error": e.args[0]})
-            frames = frames.repeat(4, axis=1).repeat(4, axis=2)
+            frames = enlarge(frames)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"session.{fmt}"
                 (write_gif if fmt == "gif" else write_mp4)(path, frames, 8)
@@ -384,37 +460,48 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Play a trained Genie world with latent actions.")
-    parser.add_argument("--models", default="models/genie", help="folder with tokenizer/ and dynamics/ (train_genie.py)")
+    parser = argparse.ArgumentParser(description="Play a trained world with its latent actions: a Genie world "
+                                                 "(train_genie.py) or a diffusion world (train_dit.py --lam).")
+    parser.add_argument("--models", default="models/genie",
+                        help="folder with tokenizer/ and dynamics/ (train_genie.py), or with vae2/, dit/ and lam/ "
+                             "(a diffusion world; default models/genie)")
     parser.add_argument("--actions", help="batch mode: comma-separated latent actions, e.g. '3,3,1,0'")
-    parser.add_argument("--image", help="prompt frame (PNG/JPEG, resized to 64x64)")
+    parser.add_argument("--image", help="prompt frame (PNG/JPEG, resized to the world's frame size)")
     parser.add_argument("--use_dataset_frame", action="store_true",
                         help="prompt with a random frame of --data's held-out levels (the default without --image)")
-    parser.add_argument("--data", default="videos/coinrun", help="frame store for --use_dataset_frame")
+    parser.add_argument("--data", help="frame store or video for --use_dataset_frame (default videos/coinrun for a "
+                                       "Genie world, videos/coinrun_wide for a diffusion world)")
     parser.add_argument("--output_dir", default="outputs", help="where frames, gif and mp4 are written")
     parser.add_argument("--ui", default="web", choices=["web", "terminal"],
                         help="interactive front end: a page in the browser (default) or keys in this terminal")
     parser.add_argument("--host", default="127.0.0.1", help="web: address to listen on (default 127.0.0.1 only)")
     parser.add_argument("--port", type=int, default=8765, help="web: port (default 8765; 0 picks a free one)")
     parser.add_argument("--no_browser", action="store_true", help="web: do not open a browser even with a display")
-    parser.add_argument("--maskgit_steps", type=int, default=8, help="parallel decoding steps per frame (default 8)")
+    parser.add_argument("--maskgit_steps", type=positive(int), default=8,
+                        help="Genie: parallel decoding steps per frame (default 8)")
     parser.add_argument("--temperature", type=float, default=0.0,
-                        help="sampling temperature of the next frame's tokens (default 0: the most likely ones)")
+                        help="Genie: sampling temperature of the next frame's tokens (default 0: the most likely ones)")
+    parser.add_argument("--steps", type=positive(int), default=4,
+                        help="diffusion: Euler steps per frame, fewer are faster (default 4; see the README's table)")
+    parser.add_argument("--cfg_scale", type=float, default=CFG_SCALE,
+                        help=f"diffusion: guidance of the latent actions, 1 = none (default {CFG_SCALE:g})")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling")
     add_step_compile_flag(parser)
     args = parser.parse_args()
-    if args.maskgit_steps < 1:
-        raise UserError("--maskgit_steps must be at least 1")
+    if args.cfg_scale < 0:
+        raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
     seed_everything(args.seed)
-    world = GenieWorld.load(args.models, args.device, maskgit_steps=args.maskgit_steps,
-                            temperature=args.temperature, seed=args.seed)
+    world = load_any_world(args.models, args.device, {
+        "genie": dict(maskgit_steps=args.maskgit_steps, temperature=args.temperature, seed=args.seed),
+        "diffusion": dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)})
+    args.data = args.data or ("videos/coinrun" if isinstance(world, GenieWorld) else "videos/coinrun_wide")
     if args.compile:
         world.compile()
         print("--compile: the first step compiles, which takes a minute or two", file=sys.stderr, flush=True)
     actions = parse_actions(args.actions, world.num_actions) if args.actions is not None else None
     rng = np.random.default_rng(args.seed)
-    first = prompt_frame(args, rng)
+    first = prompt_frame(args, rng, world.frame_size)
     out = Path(args.output_dir)
     if actions is not None or args.ui == "terminal":
         out.mkdir(parents=True, exist_ok=True)
@@ -424,7 +511,7 @@ def main():
         unused = [first]
 
         def new_prompt():
-            return unused.pop() if unused else prompt_frame(args, rng)
+            return unused.pop() if unused else prompt_frame(args, rng, world.frame_size)
         if args.ui == "web":
             serve_web(world, new_prompt, args.host, args.port, not args.no_browser)
         else:

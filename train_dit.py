@@ -103,7 +103,7 @@ def main():
                                  latent_scale=float(latents.scale), seq_len=args.seq_len or config.seq_len)
     if args.lam:
         action_model = open_latent_actions(latents, args.lam, device, args.lam_seq_len)
-        config = dataclasses.replace(config, num_actions=action_model.config.num_actions)
+        config = dataclasses.replace(config, num_actions=action_model.config.num_actions, lam_clip_len=args.lam_seq_len)
     if not 0 <= args.context_forcing < config.seq_len - 1:
         raise UserError(f"--context_forcing must be in [0, {config.seq_len - 2}] for --seq_len {config.seq_len}")
     dataset = WindowDataset(latents, config.seq_len)

@@ -65,6 +65,18 @@ def parse_size(text):
     return width, height
 
 
+def parse_actions(text, num_actions):
+    """'3,3,1' -> [3, 3, 1], each a latent action in [0, num_actions); UserError otherwise."""
+    try:
+        actions = [int(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise UserError(f"--actions must be comma-separated integers in [0, {num_actions}), not {text!r}") from None
+    bad = [a for a in actions if not 0 <= a < num_actions]
+    if bad or not actions:
+        raise UserError(f"--actions must be comma-separated integers in [0, {num_actions}); got {bad or text!r}")
+    return actions
+
+
 def positive(kind):
     """argparse type: a number > 0, so that '--fps 0' is refused by the parser (exit code 2, one line)."""
     def check(text):

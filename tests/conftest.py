@@ -102,3 +102,23 @@ def diffusion_data(tmp_path_factory):
     result = run("dataset.py", "encode", store, "--vae", vae, "--batch_size", 50)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"store": store, "vae": vae, "latents": root / "coinrun_wide_latents"}
+
+
+@pytest.fixture(scope="session")
+def steerable_world(diffusion_data, tmp_path_factory):
+    """A playable diffusion world as train_lam.py and train_dit.py --lam leave it: models/{vae2,lam,dit}, a tiny LAM
+    and a tiny DiT conditioned on its actions, a few steps each on a copy of diffusion_data's latents (so that the
+    labels written into the store do not meet other tests'). Returns the models folder."""
+    import shutil
+    root = tmp_path_factory.mktemp("steerable")
+    models, latents = root / "models", root / "coinrun_wide_latents"
+    shutil.copytree(diffusion_data["vae"], models / "vae2")
+    shutil.copytree(diffusion_data["latents"], latents)
+    result = run("train_lam.py", latents, "--vae", models / "vae2", "--preset", "tiny", "--steps", 4, "--batch_size", 4,
+                 "--seq_len", 3, "--num_workers", 0, "--out", models / "lam")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run("train_dit.py", latents, "--vae", models / "vae2", "--preset", "tiny", "--steps", 6, "--batch_size", 2,
+                 "--seq_len", 6, "--lam", models / "lam", "--lam_seq_len", 3, "--num_workers", 0, "--out",
+                 models / "dit", "--samples", root / "sample.mp4", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return models

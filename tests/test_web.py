@@ -24,15 +24,23 @@ MEANING = [{"action": 0, "effect": "left", "share": 0.6, "count": 50}, {"action"
            "share": 0.0, "count": 0}]
 
 
-@pytest.fixture(scope="module")
-def server(genie, tmp_path_factory):
-    """play.py --ui web on a free port, serving the tiny models trained by the `genie` fixture, labelled with MEANING."""
+@pytest.fixture(scope="module", params=["genie", "diffusion"])
+def server(request, tmp_path_factory):
+    """play.py --ui web on a free port, serving a world labelled with MEANING: the tiny Genie models of the `genie`
+    fixture, or the tiny diffusion world of `steerable_world` (2 Euler steps per frame)."""
     models = tmp_path_factory.mktemp("labelled")
-    for phase in ("tokenizer", "lam", "dynamics"):
-        shutil.copytree(genie / "models" / phase, models / phase)
+    if request.param == "genie":
+        genie = request.getfixturevalue("genie")
+        parts, data, options = genie / "models", genie / "coinrun", []
+    else:
+        parts, data = request.getfixturevalue("steerable_world"), request.getfixturevalue("diffusion_data")["store"]
+        options = ["--steps", "2"]
+    for part in parts.iterdir():
+        if part.name in ("tokenizer", "lam", "dynamics", "vae2", "dit"):
+            shutil.copytree(part, models / part.name)
     (models / "meaning.json").write_text(json.dumps({"meaning": MEANING}))
     process = subprocess.Popen([sys.executable, "play.py", "--models", str(models), "--data",
-                                str(genie / "coinrun"), "--port", "0", "--no_browser"], cwd=ROOT,
+                                str(data), "--port", "0", "--no_browser", *options], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     assert line.startswith("play page: http://localhost:"), line + process.stderr.read()
@@ -97,7 +105,7 @@ def test_two_sessions_do_not_interfere(server):
     assert status == 200 and gif[:4] == b"GIF8"
 
 
-def test_play_in_a_real_browser(server, tmp_path):
+def test_play_in_a_real_browser(server, request, tmp_path):
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package when run as root")
@@ -112,7 +120,11 @@ def test_play_in_a_real_browser(server, tmp_path):
         page.wait_for_function("document.querySelectorAll('#actions button').length === 8")
         assert page.text_content("#actions button[data-action='1']") == "1: right + jump (71%)"
         canvas = "document.getElementById('screen').toDataURL()"
-        page.wait_for_function("document.getElementById('screen').width === 64")
+        width = 64 if request.node.callspec.params["server"] == "genie" else 320  # the world's own frames
+        page.wait_for_function(f"document.getElementById('screen').width === {width}")
+        shown = page.evaluate("(({width, height}) => [width, height])"
+                              "(document.getElementById('screen').getBoundingClientRect())")
+        assert abs(shown[1] / shown[0] - (1 if width == 64 else 180 / 320)) < 0.02, shown  # not stretched
         first = page.evaluate(canvas)
 
         page.keyboard.press("3")
@@ -136,7 +148,7 @@ def test_play_in_a_real_browser(server, tmp_path):
 
         page.select_option("select[data-key='ArrowLeft']", "6")  # remembered in the browser across reloads
         (ROOT / "results").mkdir(exist_ok=True)
-        page.screenshot(path=str(ROOT / "results" / "play_web.png"))
+        page.screenshot(path=str(ROOT / "results" / f"play_web_{request.node.callspec.params['server']}.png"))
         page.reload()
         page.wait_for_function("document.querySelectorAll('#actions button').length === 8")
         assert page.input_value("select[data-key='ArrowLeft']") == "6"
