@@ -42,14 +42,21 @@ demo: $(VENV)/installed videos/coinrun/meta.json videos/coinrun_wide/meta.json
 	$(PY) evaluate.py genie videos/coinrun --models models/genie --clips 64 --horizon 8 --json results/genie_eval.json
 	$(PY) play.py --models models/genie --data videos/coinrun --actions 0,1,2,3,4,5,6,7,0,1,2,3,4,5,6,7 \
 		--use_dataset_frame --output_dir results/genie_play
-	# Latent diffusion: ViT-VAE, latents, DiT at the CPU preset; evaluated on held-out levels; a continuation video.
+	# Latent diffusion: ViT-VAE, latents, a LAM on them and a DiT following its actions, at the CPU presets; evaluated on
+	# held-out levels; a continuation video (actions read from the true one), and one prompt under two latent actions.
 	$(PY) train_vae.py videos/coinrun_wide --preset tiny --out models/vae2
 	$(PY) dataset.py encode videos/coinrun_wide --vae models/vae2
-	$(PY) train_dit.py videos/coinrun_wide_latents --vae models/vae2 --preset tiny --out models/dit
+	$(PY) train_lam.py videos/coinrun_wide_latents --vae models/vae2 --preset tiny --out models/lam
+	$(PY) train_dit.py videos/coinrun_wide_latents --vae models/vae2 --lam models/lam --preset tiny --out models/dit
 	$(PY) evaluate.py vae videos/coinrun_wide --vae models/vae2 --json results/vae2_eval.json
-	$(PY) evaluate.py dit videos/coinrun_wide --models models --clips 16 --horizon 8 --samples 4 --json results/dit_eval.json
+	$(PY) evaluate.py dit videos/coinrun_wide --models models --clips 16 --horizon 8 --samples 4 \
+		--json results/dit_actions_eval.json
 	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --num_frames 24 --side_by_side \
 		--output results/generated.mp4
+	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --prompt_frames 8 --side_by_side \
+		--actions 2,2,2,2,2,2,2,2,2,2,2,2/5,5,5,5,5,5,5,5,5,5,5,5 --output results/diffusion_play.mp4
+	$(PY) play.py --models models --data videos/coinrun_wide --actions 0,1,2,3,4,5,6,7,2,2,5,5 \
+		--use_dataset_frame --output_dir results/diffusion_world_play
 	$(PY) bench.py generate --preset tiny --json results/bench_generate_tiny.json
 
 # On a rented CUDA GPU, first: the CUDA tests (memory of every default preset against its estimate, compiled = eager,

@@ -15,7 +15,9 @@ past the DiT's training length the window slides. The mp4 shows the prompt then 
 A DiT trained with latent actions (train_dit.py --lam; the LAM in lam/ beside it) is steered: each generated frame is
 led to by a latent action, --actions "3,3,1,..." or, without it, the LAM's reading of the true continuation when the
 video has one (else random actions); --cfg_scale > 1 follows them more (classifier-free guidance, dit.Sampler).
+Several sequences separated by "/" continue the same prompt with the same noise under each, side by side:
   python generate.py --prompt_video videos/coinrun_wide --models models/ --actions 2,2,2,2,2,2,2,2 --cfg_scale 2
+  python generate.py --prompt_video videos/coinrun_wide --models models/ --actions 0,0,0,0,0,0/5,5,5,5,5,5
 """
 import argparse
 import time
@@ -103,8 +105,9 @@ def main():
     parser.add_argument("--num_frames", type=positive(int),
                         help="frames to generate (default: one per --actions, else 48)")
     parser.add_argument("--actions", help="a DiT trained with --lam: the latent action leading to each generated "
-                                          "frame, e.g. '3,3,1,0' (default: the LAM's reading of the true continuation "
-                                          "where the video has one, else random actions)")
+                                          "frame, e.g. '3,3,1,0', or several such sequences separated by '/', shown "
+                                          "side by side (default: the LAM's reading of the true continuation where "
+                                          "the video has one, else random actions)")
     parser.add_argument("--cfg_scale", type=float, default=CFG_SCALE,
                         help="classifier-free guidance of the actions: 1 = none, larger follows them more "
                              f"(default {CFG_SCALE:g})")
@@ -131,11 +134,11 @@ def main():
         if not num_actions:
             raise UserError(f"{args.models}: this DiT takes no latent actions (train it with train_dit.py --lam to "
                             f"steer it); leave out --actions")
-        actions = parse_actions(args.actions, num_actions)
-        if args.num_frames not in (None, len(actions)):
-            raise UserError(f"--actions gives {len(actions)} actions for --num_frames {args.num_frames}: give one "
-                            f"per generated frame")
-    num_frames = args.num_frames or (len(actions) if actions else 48)
+        actions = [parse_actions(sequence, num_actions) for sequence in args.actions.split("/")]
+        if {len(a) for a in actions} != {args.num_frames or len(actions[0])}:
+            raise UserError(f"--actions gives {'/'.join(str(len(a)) for a in actions)} actions for "
+                            f"{args.num_frames or len(actions[0])} frames: give one per generated frame")
+    num_frames = args.num_frames or (len(actions[0]) if actions else 48)
     if args.compile:
         compile_world(vae, model, device)
     c = vae.config
@@ -172,32 +175,39 @@ def main():
         draws, means = encode_clips(vae, model, clip, generator)
         led_to = inferred_actions(action_model, model, means) if action_model is not None else None  # (1, T)
         if actions is not None:
-            new, source = torch.tensor([actions], device=device), "--actions"
+            sequences, source = torch.tensor(actions, device=device), "--actions"  # (S, F): S sequences
         elif led_to is not None and length > args.prompt_frames:
-            new, source = led_to[:, args.prompt_frames:], "the LAM's reading of the true continuation"
+            sequences, source = led_to[:, args.prompt_frames:], "the LAM's reading of the true continuation"
         else:
-            new = torch.randint(0, max(1, num_actions), (1, num_frames), device=device, generator=generator)
+            sequences = torch.randint(0, max(1, num_actions), (1, num_frames), device=device, generator=generator)
             source = "random"
         if num_actions:
-            print(f"latent actions ({source}): {','.join(str(a) for a in new[0].tolist())}")
+            print(f"latent actions ({source}): {'/'.join(','.join(map(str, a)) for a in sequences.tolist())}")
         sampler = Sampler(model, args.steps, args.context_t, cfg_scale=args.cfg_scale)
-        sampler.start(draws[:, :args.prompt_frames], generator,
-                      None if led_to is None else led_to[:, :args.prompt_frames])
+        noise = generator.get_state()  # each sequence of actions continues the prompt with the same noise
         started = time.time()
-        with tqdm(total=num_frames, unit="frame", desc="generate") as bar:
-            for i in range(num_frames):
-                frames.append(decode_frame(vae, model, sampler.next_frame(new[:, i] if num_actions else None)))
-                bar.update()
-                bar.set_postfix(fps=f"{(i + 1) / (time.time() - started):.2f}")
+        with tqdm(total=num_frames * len(sequences), unit="frame", desc="generate") as bar:
+            for sequence in sequences[:, None]:  # (1, F) each
+                generator.set_state(noise)
+                sampler.start(draws[:, :args.prompt_frames], generator,
+                              None if led_to is None else led_to[:, :args.prompt_frames])
+                frames.append([])
+                for i in range(num_frames):
+                    frames[-1].append(decode_frame(vae, model, sampler.next_frame(sequence[:, i] if num_actions else
+                                                                                  None)))
+                    bar.update()
+                    bar.set_postfix(fps=f"{bar.n / (time.time() - started):.2f}")
 
-    video = np.concatenate([truth[:args.prompt_frames]] + frames)  # (P + F, H, W, 3)
+    # (P + F, H, W, 3) per sequence, side by side
+    video = np.concatenate([np.concatenate([truth[:args.prompt_frames]] + f) for f in frames], axis=2)
     if args.side_by_side:
         video = np.concatenate([truth, video], axis=2)
     output = Path(args.output)
     write_mp4(output, video, store.fps)
     write_gif(output.with_suffix(".gif"), video, store.fps)
     print(f"wrote {output} and {output.with_suffix('.gif')}: {args.prompt_frames} prompt frames (from frame {start}) "
-          f"+ {num_frames} generated, {num_frames / (time.time() - started):.2f} frames/s")
+          f"+ {num_frames} generated" + (f" under each of {len(sequences)} sequences of actions" if len(sequences) > 1 else "") +
+          f", {num_frames * len(sequences) / (time.time() - started):.2f} frames/s")
 
 
 if __name__ == "__main__":

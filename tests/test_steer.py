@@ -33,10 +33,13 @@ def test_play_steps_the_diffusion_world_and_the_action_changes_the_frame(steerab
 def test_generate_follows_the_actions_or_reads_them_from_the_video(steerable_world, diffusion_data, tmp_path):
     args = ["generate.py", "--prompt_video", diffusion_data["store"], "--models", steerable_world, "--prompt_frames", 3,
             "--steps", 2, "--output", tmp_path / "steered.mp4"]
-    result = run(*args, "--actions", "2,5,7", "--cfg_scale", 2)
+    result = run(*args, "--actions", "2,5,7/1,1,1", "--cfg_scale", 2)  # two continuations of one prompt
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "latent actions (--actions): 2,5,7" in result.stdout
-    assert read_video(tmp_path / "steered.mp4").shape == (3 + 3, 180, 320, 3)
+    assert "latent actions (--actions): 2,5,7/1,1,1" in result.stdout
+    video = read_video(tmp_path / "steered.mp4").astype(int)
+    assert video.shape == (3 + 3, 180, 2 * 320, 3)
+    assert np.abs(video[:3, :, :320] - video[:3, :, 320:]).mean() < 3  # the same prompt on both sides
+    assert_user_error(run(*args, "--actions", "2,5,7/1,1"), "give one per generated frame")
     result = run(*args, "--num_frames", 4)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "latent actions (the LAM's reading of the true continuation)" in result.stdout
