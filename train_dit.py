@@ -3,7 +3,7 @@
   python train_dit.py videos/coinrun_wide --vae models/vae2 --preset tiny --steps 300            # CPU, minutes
   python train_dit.py videos/z8r255LoVJc.mp4 --vae models/vae2                                    # one GPU
   python train_dit.py videos/z8r255LoVJc_12fps_320x180_latents --vae models/vae2 --context_forcing 2
-  python train_dit.py videos/coinrun_wide_latents --vae models/vae2 --lam models/lam_video --preset tiny  # steerable
+  python train_dit.py videos/coinrun_wide_latents --vae models/vae2 --lam models/lam --preset tiny  # steerable
 
 DATA is a latent store (`dataset.py encode`), or a frame store or video that is encoded once with --vae and cached
 beside it. Each step draws clips of --seq_len frames from the training split, samples latents from the VAE's
@@ -102,6 +102,8 @@ def main():
     config = dataclasses.replace(config, rows=vae.config.rows, cols=vae.config.cols, latent_dim=vae.config.latent_dim,
                                  latent_scale=float(latents.scale), seq_len=args.seq_len or config.seq_len)
     if args.lam:
+        if args.lam_seq_len < 2:
+            raise UserError("--lam_seq_len must be at least 2 (a clip of one frame holds no transition)")
         action_model = open_latent_actions(latents, args.lam, device, args.lam_seq_len)
         config = dataclasses.replace(config, num_actions=action_model.config.num_actions, lam_clip_len=args.lam_seq_len)
     if not 0 <= args.context_forcing < config.seq_len - 1:

@@ -35,7 +35,9 @@ def main():
     parser = argparse.ArgumentParser(description="Train a latent action model on the ViT-VAE's latents of footage.")
     parser.add_argument("data", help="latent store, or a frame store / video of 320x180 frames (encoded once)")
     parser.add_argument("--vae", default="models/vae2", help="the trained ViT-VAE folder (default models/vae2)")
-    parser.add_argument("--out", default="models/lam_video", help="model folder to write (default models/lam_video)")
+    parser.add_argument("--out", default="models/lam",
+                        help="model folder to write (default models/lam: beside vae2/ and dit/, the world that "
+                             "generate.py, evaluate.py and play.py load)")
     add_config_flags(parser, lam.PRESETS, "LAM (tiny: CPU, tests; default: a GPU)")
     parser.add_argument("--seq_len", type=positive(int), help="frames per training clip (tiny 4, default 16)")
     parser.add_argument("--steps", type=positive(int), help="training steps (tiny 300, default 50000)")

@@ -77,6 +77,23 @@ def test_a_sampler_reuses_its_cache_and_restarts_cleanly():
     torch.testing.assert_close(again, fresh, rtol=0, atol=0)
 
 
+def test_a_residual_dit_starts_by_copying_the_frame_before():
+    model = DiT(dataclasses.replace(PRESETS["tiny"], seq_len=6)).eval()  # as built: the output layer is zero
+    assert model.config.residual
+    context = torch.randn(2, 3, 220, 48)
+    for steps in (1, 4):
+        frames = Sampler(model, steps=steps).rollout(context, 2, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(frames, context[:, -1:].expand_as(frames))
+    # trained, it predicts the clean frame from the one before: a clip that repeats one frame has no loss to learn
+    still = context[:, :1].expand(2, 6, 220, 48)
+    loss, _ = model(still)
+    assert loss > 0  # the first frame has no frame before it
+    weight = torch.ones(2, 6)
+    weight[:, 0] = 0
+    loss, _ = model(still, frame_weight=weight)
+    assert loss < 1e-10
+
+
 def test_training_options_give_gradients():
     model = random_dit()
     model.train()
