@@ -548,8 +548,8 @@ def main():
     p.add_argument("--world", default="genie", choices=["genie", "diffusion"], help="which world (default genie)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "default"], help="model sizes (default tiny)")
     p.add_argument("--maskgit_steps", type=positive(int), default=8, help="genie: decoding steps per frame (default 8)")
-    p.add_argument("--euler_steps", type=positive(int), default=4,
-                   help="diffusion: Euler steps per frame (default 4, as play.py)")
+    p.add_argument("--euler_steps", type=positive(int), default=1,
+                   help="diffusion: Euler steps per frame (default 1, as play.py)")
     p.add_argument("--steps", type=positive(int), default=20, help="timed play steps per run (default 20)")
     p.add_argument("--warmup", type=positive(int), default=3, help="untimed steps first (default 3)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")

@@ -11,8 +11,8 @@ t (context_t, slightly noisy) while the new frame is integrated from t = 0 to 1.
 With `residual` (every preset) the network predicts the clean frame as the clean frame before it plus its output,
 x_1' = x_prev + out, and the velocity follows from it, v = (x_1' - x_t) / (1 - t) (1 - t at least 0.05); the loss
 is taken on x_1'. Most of a game frame is the frame before, so the untrained model starts by copying it (its output
-layer starts at zero) and learns what changes; at the demo scale this gave +2 dB at t = 1 over predicting the
-velocity directly (README, "Measured"). At generation x_prev is the last clean frame, the context's or the one just
+layer starts at zero) and learns what changes; at the demo scale this gave +1.4-2.3 dB at t = 1 over predicting
+the velocity directly (README, "Measured"). At generation x_prev is the last clean frame, the context's or the one just
 generated.
 
 Network: the spatio-temporal transformer of transformer.py (spatial attention over the 220 tokens of a frame with

@@ -3,7 +3,7 @@
   python play.py --models models/genie                                                 # a page in the browser
   python play.py --models models/genie --actions "3,3,1,0,0,5" --use_dataset_frame   # batch: PNGs, gif and mp4
   python play.py --models models/genie --image frame.png --ui terminal                 # keys 0-7 step, r resets, q quits
-  python play.py --models models --steps 2                           # the diffusion world of models/{vae2,lam,dit}
+  python play.py --models models                                     # the diffusion world of models/{vae2,lam,dit}
 
 On a GPU server with no screen, the page is reached through an SSH port forward, as with TensorBoard:
   server$ python play.py --models models/genie            # prints the URL and the ssh line
@@ -140,7 +140,7 @@ class DiffusionWorld(World):
     dit.Sampler led to by the chosen latent action: its Euler steps run the DiT on the new frame's tokens only, against
     the key/value cache of the last seq_len - 1 frames; the VAE decodes it."""
 
-    def __init__(self, vae, model, steps=4, cfg_scale=CFG_SCALE, seed=0, meaning=None, sampler=None):
+    def __init__(self, vae, model, steps=1, cfg_scale=CFG_SCALE, seed=0, meaning=None, sampler=None):
         self.vae, self.model = vae, model
         self.device = next(model.parameters()).device
         super().__init__(model.config.num_actions, (vae.config.height, vae.config.width),
@@ -481,8 +481,9 @@ def main():
                         help="Genie: parallel decoding steps per frame (default 8)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="Genie: sampling temperature of the next frame's tokens (default 0: the most likely ones)")
-    parser.add_argument("--steps", type=positive(int), default=4,
-                        help="diffusion: Euler steps per frame, fewer are faster (default 4; see the README's table)")
+    parser.add_argument("--steps", type=positive(int), default=1,
+                        help="diffusion: Euler steps per frame; more are slower and, at the demo scale, no better "
+                             "(default 1; the README's table)")
     parser.add_argument("--cfg_scale", type=float, default=CFG_SCALE,
                         help=f"diffusion: guidance of the latent actions, 1 = none (default {CFG_SCALE:g})")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
