@@ -48,8 +48,8 @@ class World:
 
     The interface every front end uses: reset(frames) -> frames, step(actions) -> frames, undo() -> frames,
     spawn(seed) -> a world on the same models, num_actions, frame_size (H, W), and `meaning` (read_meaning: what each
-    latent action does, or None). A world model plugs into the batch, terminal and web front ends by giving encode,
-    decode, advance and start_sampler. Runs in bf16 on CUDA.
+    latent action does, or None). A world model plugs into the batch, terminal and web front ends by setting
+    self.device and giving encode, decode, advance and start_sampler. Runs in bf16 on CUDA.
 
     A world keeps its trajectory for undo: `latents`, the model's form of each frame, and `actions`, those taken
     between them. Worlds spawned from one share its sampler (one browser session each): one key/value cache for all,
