@@ -250,7 +250,7 @@ class Sampler:
         if self.cached:
             self.cache = self.model.transformer.new_cache(len(context), self.window, context.device, reuse=self.cache)
         self.join(context, actions[:, -context.shape[1]:])
-        self.previous = context[:, -1:]
+        self.previous = context[:, -1:].clone(memory_format=torch.contiguous_format)  # a frame's strides (join)
         return self
 
     def velocity(self, x, t, action):
