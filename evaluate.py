@@ -52,6 +52,7 @@ dit reports (-> results/dit_eval.json and a plot beside it), each a list over ho
 """
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -239,6 +240,33 @@ def lam_codes(action_model, dataset, rng, clips, batch_size, device):
 
 
 @torch.no_grad()
+def lam_decoder_errors(action_model, clips, actions, generator):
+    """The LAM's own decoder on clips (B, T, ...) of its input kind, given the actions its encoder inferred (B, T - 1),
+    given random actions, and copying the previous frame instead -> mean squared errors (3,) over the transitions.
+    The first two tell how much the actions say about the next frame, as far as the LAM's decoder can read them: a
+    dynamics trained on actions its own LAM's decoder ignores has little reason to use them."""
+    target, past = action_model.tokens(clips[:, 1:]).float(), clips[:, :-1]
+    shuffled = torch.randint(0, action_model.config.num_actions, actions.shape, device=actions.device,
+                             generator=generator)
+    errors = [(action_model.decode(past, action_model.action_embedding(a)).float() - target).square().mean()
+              for a in (actions, shuffled)]
+    return torch.stack(errors + [(action_model.tokens(past).float() - target).square().mean()]).cpu()
+
+
+def lam_decoder_figures(errors):
+    """Mean squared errors (inferred, random, copy) -> the decoder's gain in dB from its inferred actions over random
+    ones, and over copying the previous frame (negative: the decoder is worse than a copy)."""
+    inferred, shuffled, copy = errors.tolist()
+    return {"lam_decoder_gain_db": 10 * math.log10(shuffled / inferred),
+            "lam_decoder_vs_copy_db": 10 * math.log10(copy / inferred)}
+
+
+def print_lam_decoder(results):
+    print(f"LAM decoder           its actions vs random ones {results['lam_decoder_gain_db']:+.2f} dB, vs copying "
+          f"the previous frame {results['lam_decoder_vs_copy_db']:+.2f} dB")
+
+
+@torch.no_grad()
 def evaluate_genie(args):
     device = get_device(args.device)
     models = Path(args.models)
@@ -258,6 +286,7 @@ def evaluate_genie(args):
     train_codes, train_true = lam_codes(action_model, WindowDataset(store, args.horizon + 1, split="train"),
                                         rng, args.clips, args.batch_size, device)
     tokenizer_psnr, codes, latent, true, val_codes, inferred_psnr, random_psnr, baseline_psnr = ([] for _ in range(8))
+    decoder_errors, decoder_generator = [], torch.Generator(device).manual_seed(args.seed + 1)
     for i in range(0, len(picks), args.batch_size):
         batch = [dataset[int(j)] for j in picks[i:i + args.batch_size]]
         frames = from_uint8(torch.stack([b["frames"] for b in batch]).to(device))  # (B, T, 3, 64, 64)
@@ -266,6 +295,7 @@ def evaluate_genie(args):
         latent.append(actions.flatten().cpu())
         val_codes.append(z.flatten(0, 1).float().cpu())
         true.append(torch.stack([b["actions"][:-1] for b in batch]).flatten())
+        decoder_errors.append(lam_decoder_errors(action_model, frames, actions, decoder_generator))
         if tokenizer is None:
             continue
         tokens = tokenizer.encode(frames.flatten(0, 1))
@@ -283,7 +313,8 @@ def evaluate_genie(args):
     num_actions = action_model.config.num_actions
     results = {"clips": len(picks), "horizon": args.horizon, "maskgit_steps": args.maskgit_steps,
                "temperature": args.temperature,
-               **latent_action_figures(latent, true, names, store.meta["source"], num_actions, rng)}
+               **latent_action_figures(latent, true, names, store.meta["source"], num_actions, rng),
+               **lam_decoder_figures(torch.stack(decoder_errors).mean(0))}
     effect_of = effect_classes(names, store.meta["source"])[1]
     results["probe_accuracy"] = linear_probe(train_codes, effect_of[train_true], torch.cat(val_codes).numpy(),
                                              effect_of[true], len(results["effects"]))
@@ -318,6 +349,7 @@ def evaluate_genie(args):
           f"{results['horizontal_accuracy_chance']:.1%}); linear probe of the effect {results['probe_accuracy']:.1%}")
     print("meaning               " + ", ".join(f"{m['action']}: {m['effect']} ({m['share']:.0%})"
                                                for m in results["meaning"]))
+    print_lam_decoder(results)
     if dynamics_model is not None:
         print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
               f"{results['delta_psnr_long']:+.2f} dB")
@@ -428,6 +460,7 @@ def evaluate_dit(args):
         ["best_of_k_psnr"] * (args.samples > 1) + ["random_action_psnr"] * conditioned
     sums = {k: torch.zeros(args.horizon) for k in keys}
     latent, true = [], []  # the LAM's actions of the clips' transitions, and the store's true ones when it has them
+    decoder_errors, decoder_generator = [], torch.Generator(device).manual_seed(args.seed + 1)
 
     def continue_clips(context, actions):  # -> decoded continuations (B, H, 3, h, w)
         generated = sampler.rollout(context, args.horizon, generator, actions) / scale
@@ -453,6 +486,9 @@ def evaluate_dit(args):
                                                                  device=device, generator=generator)
                 sums["random_action_psnr"] += psnr(continue_clips(context, shuffled), truth).sum(0).cpu()
                 latent.append(led_to[:, 1:].flatten().cpu())
+                first_clip = means[:, :model.config.lam_clip_len]  # one clip of the length the LAM labels
+                decoder_errors.append(lam_decoder_errors(action_model, first_clip, led_to[:, 1:first_clip.shape[1]],
+                                                         decoder_generator))
                 if store.has_actions:  # actions[:, k] was taken at frame k: the transition to frame k + 1
                     true.append(torch.stack([clip["actions"][:-1] for clip in clips]).flatten())
             recon = vae.decode((means[:, args.prompt_frames:] / scale).flatten(0, 1)).float().unflatten(0, truth.shape[:2])
@@ -475,7 +511,8 @@ def evaluate_dit(args):
                       delta_psnr_long=inferred[-1] - shuffled[-1])
         latent = torch.cat(latent).numpy()
         usage = np.bincount(latent, minlength=model.config.num_actions) / len(latent)
-        result.update(lam_usage=usage.tolist(), lam_codes_used=int((usage >= 0.02).sum()))
+        result.update(lam_usage=usage.tolist(), lam_codes_used=int((usage >= 0.02).sum()),
+                      **lam_decoder_figures(torch.stack(decoder_errors).mean(0)))
         if true:
             names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
             result.update(latent_action_figures(latent, torch.cat(true).numpy(), names, store.meta["source"],
@@ -506,6 +543,7 @@ def evaluate_dit(args):
         print(f"Delta PSNR (inferred - random latent actions): t={t4 + 1} {result['delta_psnr_t4']:+.2f} dB, "
               f"t={args.horizon} {result['delta_psnr_long']:+.2f} dB; latent actions used "
               f"{result['lam_codes_used']} of {model.config.num_actions}")
+        print_lam_decoder(result)
     if "meaning" in result:
         print(f"NMI with true actions {result['nmi']:.3f} (chance {result['nmi_chance']:.3f}), with effects "
               f"{result['nmi_effect']:.3f} (chance {result['nmi_effect_chance']:.3f}); effect accuracy "

@@ -11,8 +11,8 @@ import torch
 
 from conftest import ROOT, assert_user_error, run
 from dataset import FrameStore, TokenStore, WindowDataset, model_id
-from evaluate import action_effect, latent_action_figures, linear_probe
-from lam import LatentActionModel
+from evaluate import action_effect, lam_decoder_errors, lam_decoder_figures, latent_action_figures, linear_probe
+from lam import LAMConfig, LatentActionModel
 from play import default_keymap
 from train_genie import open_tokens
 from utils import from_uint8, load_model, save_model
@@ -100,8 +100,10 @@ def test_evaluate_genie_writes_the_figures(genie, tmp_path):
     figures = json.loads(out.read_text())
     for key in ("tokenizer_psnr", "codebook_used", "lam_usage", "lam_codes_used", "lam_perplexity", "nmi",
                 "delta_psnr_t4", "delta_psnr_long", "rollout_psnr", "baseline_psnr", "nmi_effect", "effect_accuracy",
-                "horizontal_accuracy", "probe_accuracy", "effect_accuracy_chance", "effect_majority"):
+                "horizontal_accuracy", "probe_accuracy", "effect_accuracy_chance", "effect_majority",
+                "lam_decoder_gain_db", "lam_decoder_vs_copy_db"):
         assert key in figures
+    assert np.isfinite([figures["lam_decoder_gain_db"], figures["lam_decoder_vs_copy_db"]]).all()
     assert len(figures["rollout_psnr"]) == len(figures["baseline_psnr"]) == 5
     assert abs(sum(figures["lam_usage"]) - 1) < 1e-6 and 0 <= figures["nmi"] <= 1 and 0 <= figures["nmi_effect"] <= 1
     assert figures["effects"] == ["left", "left + jump", "none", "jump", "right", "right + jump"]
@@ -130,6 +132,25 @@ def test_effect_classes_read_from_action_names():
     assert action_effect("UPRIGHTFIRE", "ale:pong") == ("right", "up + right + fire")
     assert action_effect("DOWNLEFT", "ale:freeway") == ("left", "down + left")
     assert action_effect("NOOP", "ale:breakout") == ("none", "none")
+
+
+def test_lam_decoder_errors_compare_its_actions_with_random_ones_and_a_copy(genie):
+    frames = from_uint8(torch.stack([WindowDataset(genie / "coinrun", 5, split="val")[i]["frames"] for i in range(4)]))
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    one_action = LatentActionModel(LAMConfig(dim=16, depth=1, heads=1, num_actions=1)).eval()
+    trained = load_model(LatentActionModel, genie / "models" / "lam")  # 8 actions, 40 steps: its adaLN reads them
+    for action_model in (one_action, trained):
+        with torch.no_grad():
+            actions = action_model.infer_actions(frames)
+            inferred, shuffled, copy = lam_decoder_errors(action_model, frames, actions, generator).tolist()
+        assert copy == pytest.approx(((frames[:, 1:] - frames[:, :-1]) ** 2).mean().item())
+        if action_model is one_action:  # random actions are then the inferred ones: no gain
+            assert inferred == shuffled
+        else:  # other actions, other predictions
+            assert inferred != shuffled
+    assert lam_decoder_figures(torch.tensor([1.0, 2.0, 0.5])) == pytest.approx(
+        {"lam_decoder_gain_db": 10 * np.log10(2), "lam_decoder_vs_copy_db": 10 * np.log10(0.5)})
 
 
 def test_latent_action_figures_on_planted_latents():

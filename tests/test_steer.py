@@ -57,6 +57,7 @@ def test_evaluate_dit_measures_the_latent_actions(steerable_world, diffusion_dat
     assert figures["delta_psnr_t4"] == figures["rollout_psnr"][3] - figures["random_action_psnr"][3]
     assert figures["rollout_psnr"] != figures["random_action_psnr"]  # other actions, other frames
     assert 1 <= figures["lam_codes_used"] <= 8 and 0 <= figures["nmi_effect"] <= 1
+    assert np.isfinite([figures["lam_decoder_gain_db"], figures["lam_decoder_vs_copy_db"]]).all()
     meaning = json.loads((models / "meaning.json").read_text())["meaning"]  # for play.py's labels
     assert meaning == figures["meaning"] and len(meaning) == 8
 
