@@ -45,7 +45,7 @@ DEFAULTS = {  # training hyperparameters per preset: batch size, frames to colle
 # lr 3e-4, and the dynamics slow to leave its start at 3e-4 (README, "Genie at the tiny preset"); the default preset's
 # are not re-measured.
 PHASE_DEFAULTS = {
-    "tiny": {"tokenizer": dict(steps=1200, lr=2e-3), "lam": dict(steps=300, lr=3e-4),
+    "tiny": {"tokenizer": dict(steps=2400, lr=2e-3), "lam": dict(steps=300, lr=3e-4),
              "dynamics": dict(steps=300, lr=1e-3)},
     "default": {phase: dict(steps=50_000, lr=3e-4) for phase in ("tokenizer", "lam", "dynamics")},
 }
@@ -82,7 +82,7 @@ def main():
     add_config_flags(parser, DEFAULTS, "tokenizer, LAM and dynamics (tiny: CPU; default: a GPU)", "PHASE.FIELD",
                      "lam.context_mask=0 dynamics.depth=12 (the ablations of the README)")
     parser.add_argument("--steps", type=positive(int),
-                        help="training steps of each phase run (tiny: tokenizer 1200, LAM 300, dynamics 300; "
+                        help="training steps of each phase run (tiny: tokenizer 2400, LAM 300, dynamics 300; "
                              "default 50000 each)")
     parser.add_argument("--batch_size", type=positive(int), help="clips per step (tiny 16, default 64)")
     parser.add_argument("--lr", type=positive(float),
