@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEMO_FRAMES ?= 100000
+DEMO_FRAMES ?= 50000
 DEMO_WIDE_FRAMES ?= 4000
 
 .PHONY: test demo gpu-check
