@@ -28,6 +28,10 @@ genie reports:
                                        actions, at t = 4 and at t = --horizon
   rollout_psnr, baseline_psnr          PSNR per horizon step of the inferred-action rollout, and of copying the
                                        prompt frame (the baseline a world model must beat)
+  lam_decoder_gain_db,                 the LAM's own decoder predicting each next frame of the clips: its error with
+  lam_decoder_vs_copy_db               random actions over its error with the inferred ones, in dB (what the actions
+                                       tell it), and the error of copying the frame before over it (negative: the
+                                       decoder is still worse than a copy)
 
 vae reports (-> results/vae_eval.json):
   psnr, ssim                           reconstruction decode(mu) of --frames held-out frames (the 'val' split: held-out
@@ -47,6 +51,8 @@ dit reports (-> results/dit_eval.json and a plot beside it), each a list over ho
   random_action_psnr, delta_psnr_t4,   the same prompts led on by random latent actions, and the controllability
   delta_psnr_long                      psnr - random_action_psnr at t = 4 and at t = --horizon (as genie's)
   lam_usage, lam_codes_used            the share of the clips' transitions per latent action, those with >= 2 %
+  lam_decoder_gain_db,                 as genie's, on the first clip of the LAM's labelling length in each window
+  lam_decoder_vs_copy_db
   nmi, nmi_effect, effect_accuracy,    where the store holds the true actions: as genie's, and MODELS/meaning.json
   horizontal_accuracy, meaning         for play.py
 """

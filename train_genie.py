@@ -42,8 +42,8 @@ DEFAULTS = {  # training hyperparameters per preset: batch size, frames to colle
     "default": dict(batch_size=64, frames=1_000_000, lam_seq_len=16),
 }
 # ... and per phase: steps and peak learning rate. At the tiny preset the tokenizer is under-trained at 300 steps and
-# lr 3e-4, and the dynamics slow to leave its start at 3e-4 (README, "Genie at the tiny preset"); the default preset's
-# are not re-measured.
+# lr 3e-4 (it passes 28 dB held-out at 2,400 steps), and the dynamics slow to leave its start at 3e-4 (README, "Genie at
+# the tiny preset"); the default preset's are not re-measured.
 PHASE_DEFAULTS = {
     "tiny": {"tokenizer": dict(steps=2400, lr=2e-3), "lam": dict(steps=300, lr=3e-4),
              "dynamics": dict(steps=300, lr=1e-3)},
