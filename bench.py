@@ -81,7 +81,7 @@ import vae
 import vae2
 from dataset import LatentStore, WindowDataset, ffmpeg_exe, open_store, prepare, probe
 from generate import compile_world, decode_frame
-from play import DiffusionWorld, GenieWorld
+from play import EULER_STEPS, DiffusionWorld, GenieWorld
 from training import DEFAULT_WORKERS, add_compile_flag, batches, checkpoint_blocks, compile_blocks, make_optimizer, \
     train_step, use_compile
 from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, parse_size, positive, \
@@ -548,8 +548,8 @@ def main():
     p.add_argument("--world", default="genie", choices=["genie", "diffusion"], help="which world (default genie)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "default"], help="model sizes (default tiny)")
     p.add_argument("--maskgit_steps", type=positive(int), default=8, help="genie: decoding steps per frame (default 8)")
-    p.add_argument("--euler_steps", type=positive(int), default=1,
-                   help="diffusion: Euler steps per frame (default 1, as play.py)")
+    p.add_argument("--euler_steps", type=positive(int), default=EULER_STEPS,
+                   help=f"diffusion: Euler steps per frame (default {EULER_STEPS}, as play.py)")
     p.add_argument("--steps", type=positive(int), default=20, help="timed play steps per run (default 20)")
     p.add_argument("--warmup", type=positive(int), default=3, help="untimed steps first (default 3)")
     p.add_argument("--runs", type=positive(int), default=3, help="runs; the median is reported (default 3)")

@@ -42,6 +42,9 @@ from utils import (UserError, add_step_compile_flag, autocast, compile_step, fro
                    parse_actions, positive, run_cli, seed_everything, to_uint8, write_gif, write_mp4)
 from vae import Tokenizer
 
+# Euler steps per frame of the diffusion world: more are slower and, at the demo scale, no better (README's table)
+EULER_STEPS = 1
+
 
 class World:
     """A batch of worlds stepped together (batch 1 for play). Frames are uint8 (B, H, W, 3).
@@ -140,7 +143,7 @@ class DiffusionWorld(World):
     dit.Sampler led to by the chosen latent action: its Euler steps run the DiT on the new frame's tokens only, against
     the key/value cache of the last seq_len - 1 frames; the VAE decodes it."""
 
-    def __init__(self, vae, model, steps=1, cfg_scale=CFG_SCALE, seed=0, meaning=None, sampler=None):
+    def __init__(self, vae, model, steps=EULER_STEPS, cfg_scale=CFG_SCALE, seed=0, meaning=None, sampler=None):
         self.vae, self.model = vae, model
         self.device = next(model.parameters()).device
         super().__init__(model.config.num_actions, (vae.config.height, vae.config.width),
@@ -481,9 +484,9 @@ def main():
                         help="Genie: parallel decoding steps per frame (default 8)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="Genie: sampling temperature of the next frame's tokens (default 0: the most likely ones)")
-    parser.add_argument("--steps", type=positive(int), default=1,
+    parser.add_argument("--steps", type=positive(int), default=EULER_STEPS,
                         help="diffusion: Euler steps per frame; more are slower and, at the demo scale, no better "
-                             "(default 1; the README's table)")
+                             f"(default {EULER_STEPS}; the README's table)")
     parser.add_argument("--cfg_scale", type=float, default=CFG_SCALE,
                         help=f"diffusion: guidance of the latent actions, 1 = none (default {CFG_SCALE:g})")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
