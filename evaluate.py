@@ -4,6 +4,7 @@
   python evaluate.py genie --models models/genie videos/coinrun --clips 256 --horizon 16 --json results/genie_eval.json
   python evaluate.py vae --vae models/vae2 videos/z8r255LoVJc_12fps_320x180   # held-out stretch of the footage
   python evaluate.py dit --models models/ videos/z8r255LoVJc_12fps_320x180 --horizon 16
+  python evaluate.py idm videos/coinrun       # how well the true actions can be read off two frames at all
   python evaluate.py plot models/genie/logs/tokenizer.json models/genie_4x/logs/tokenizer.json --out results/tok.png
 
 genie reports:
@@ -38,6 +39,12 @@ vae reports (-> results/vae_eval.json):
                                        levels, episodes, or the last 10 % of a single video): PSNR (dB) and SSIM
                                        (Gaussian window 11x11, sigma 1.5, on [0, 1] images, averaged over channels)
 
+idm reports (-> results/idm_eval.json), the ceiling for the genie latent-action figures of the same names:
+  effect_accuracy, horizontal_accuracy a supervised inverse dynamics model (a small conv net on frames t and t + 1,
+  nmi_effect, effect_majority          trained --steps steps on the true effect classes of the training levels) scored
+                                       on held-out transitions: how much of what the player did two frames show at
+                                       all. A LAM learns without labels, so these bound what its figures can reach
+
 dit reports (-> results/dit_eval.json and a plot beside it), each a list over horizon steps 1..--horizon:
   psnr, ssim                           the DiT's continuation of --clips held-out clips (prompt: --prompt_frames true
                                        frames through the VAE) against the true continuation
@@ -66,6 +73,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 import dit
@@ -394,6 +402,65 @@ def evaluate_vae(args):
     return results
 
 
+def inverse_dynamics_model(frame_channels, classes, width=64):
+    """Frames t and t + 1 stacked (B, 2 * channels, 64, 64) -> logits over the classes (B, classes): four stride-2
+    convolutions, then a small MLP; any frame size works (the pooling fixes the grid at 4x4)."""
+    def down(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GELU()]
+    return nn.Sequential(*down(2 * frame_channels, width), *down(width, 2 * width), *down(2 * width, 2 * width),
+                         *down(2 * width, 2 * width), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                         nn.Linear(2 * width * 16, 4 * width), nn.GELU(), nn.Linear(4 * width, classes))
+
+
+def evaluate_idm(args):
+    device = get_device(args.device)
+    store = FrameStore(args.data)
+    if not store.has_actions:
+        raise UserError(f"{args.data} has no true actions to read off the frames (collect a game store)")
+    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+    effects, effect_of, horizontal_of = effect_classes(names, store.meta["source"])
+    horizontal_of_effect = np.zeros(len(effects), np.int64)
+    horizontal_of_effect[effect_of] = horizontal_of  # every action of an effect class has its direction
+    train, val = (WindowDataset(store, 2, split=split) for split in ("train", "val"))
+    if len(val) == 0:
+        raise UserError(f"{store.path} has no held-out transitions (its 'val' split is empty)")
+
+    def batch(dataset, picks):  # -> frames t and t + 1 stacked (B, 6, H, W), effect classes (B,)
+        items = [dataset[int(i)] for i in picks]
+        frames = from_uint8(torch.stack([b["frames"] for b in items]).to(device)).flatten(1, 2)
+        return frames, torch.as_tensor(effect_of[torch.stack([b["actions"][0] for b in items]).numpy()], device=device)
+    model = inverse_dynamics_model(3, len(effects)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    rng = np.random.default_rng(args.seed)
+    for _ in tqdm(range(args.steps), desc="inverse dynamics", leave=False):
+        frames, effect = batch(train, rng.integers(0, len(train), args.batch_size))
+        loss = F.cross_entropy(model(frames), effect)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    predicted, true = [], []
+    with torch.no_grad():
+        picks = rng.choice(len(val), min(args.transitions, len(val)), replace=False)
+        for i in range(0, len(picks), args.batch_size):
+            frames, effect = batch(val, picks[i:i + args.batch_size])
+            predicted.append(model(frames).argmax(1).cpu())
+            true.append(effect.cpu())
+    predicted, true = torch.cat(predicted).numpy(), torch.cat(true).numpy()
+    results = {"steps": args.steps, "transitions": len(true), "effects": effects,
+               "effect_accuracy": float((predicted == true).mean()),
+               "horizontal_accuracy": float((horizontal_of_effect[predicted] == horizontal_of_effect[true]).mean()),
+               "nmi_effect": normalised_mutual_information(true, predicted),
+               "effect_majority": float(np.bincount(true).max() / len(true))}
+    json_path = Path(args.json or "results/idm_eval.json")
+    atomic_write_text(json_path, json.dumps(results, indent=1))
+    print(f"inverse dynamics from two frames, {args.steps} steps, {len(true)} held-out transitions: effect accuracy "
+          f"{results['effect_accuracy']:.1%} (majority {results['effect_majority']:.1%}), horizontal "
+          f"{results['horizontal_accuracy']:.1%}, NMI with the effects {results['nmi_effect']:.3f}")
+    print(f"wrote {json_path}")
+    return results
+
+
 def draw_curves(path, curves, title, xlabel="horizon step", ylabel="PSNR (dB)", log_y=False):
     """A line plot of named curves {name: (x values, y values)}, drawn with OpenCV and written as PNG; log_y draws
     the y axis in decades (losses)."""
@@ -598,6 +665,17 @@ def main():
     p.add_argument("--json", help="where to write the figures (default results/dit_eval.json; the plot beside it)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt posterior samples and the noise")
+    p = sub.add_parser("idm", help="how much of the true actions two frames show: the ceiling for the latent actions")
+    p.add_argument("data", help="frame store with true actions, e.g. videos/coinrun (trained on its training levels, "
+                                "scored on the held-out ones)")
+    p.add_argument("--steps", type=positive(int), default=1500, help="training steps (default 1500, ~5 min on 2 CPU cores)")
+    p.add_argument("--batch_size", type=positive(int), default=64, help="transitions per step (default 64)")
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--transitions", type=positive(int), default=2048,
+                   help="held-out transitions to score (default 2048)")
+    p.add_argument("--json", help="where to write the figures (default results/idm_eval.json)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     p = sub.add_parser("plot", help="training curves from logs/*.json (e.g. a run at 1x, 2x, 4x the steps)")
     p.add_argument("logs", nargs="+", help="training logs, e.g. models/genie/logs/tokenizer.json")
     p.add_argument("--key", default="loss", help="logged value to draw (default loss; e.g. recon, ce, flow)")
@@ -610,6 +688,9 @@ def main():
         evaluate_genie(args)
     elif args.command == "vae":
         evaluate_vae(args)
+    elif args.command == "idm":
+        seed_everything(args.seed)
+        evaluate_idm(args)
     elif args.command == "dit":
         if args.cfg_scale < 0:
             raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")

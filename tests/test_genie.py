@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_user_error, run
-from dataset import FrameStore, TokenStore, WindowDataset, model_id
+from dataset import FrameStore, FrameWriter, TokenStore, WindowDataset, model_id, write_meta
 from evaluate import action_effect, lam_decoder_errors, lam_decoder_figures, latent_action_figures, linear_probe
 from lam import LAMConfig, LatentActionModel
 from play import default_keymap
@@ -151,6 +151,42 @@ def test_lam_decoder_errors_compare_its_actions_with_random_ones_and_a_copy(geni
             assert inferred != shuffled
     assert lam_decoder_figures(torch.tensor([1.0, 2.0, 0.5])) == pytest.approx(
         {"lam_decoder_gain_db": 10 * np.log10(2), "lam_decoder_vs_copy_db": 10 * np.log10(0.5)})
+
+
+def sliding_store(coinrun, out, shuffle_actions, episodes=48, length=15, step=4):
+    """A store whose frames show what was done: in each episode a 64x64 view walks `step` px left (action LEFT),
+    right (RIGHT) or not at all (NOOP) over a real CoinRun frame upscaled 3x. With shuffle_actions the recorded
+    actions are permuted, so that the frames no longer show them."""
+    rng = np.random.default_rng(0)
+    source = torch.from_numpy(np.array(FrameStore(coinrun).frames)).permute(0, 3, 1, 2).float()
+    moves = {PROCGEN_ACTIONS.index("LEFT"): -step, PROCGEN_ACTIONS.index("NOOP"): 0, PROCGEN_ACTIONS.index("RIGHT"): step}
+    actions = rng.choice(list(moves), episodes * length)
+    out.mkdir()
+    writer = FrameWriter(out, episodes * length, 64, 64)
+    for e in range(episodes):
+        image = torch.nn.functional.interpolate(source[rng.integers(len(source))][None], scale_factor=3)[0]
+        offsets = 64 + np.concatenate([[0], np.cumsum([moves[a] for a in actions[e * length:(e + 1) * length - 1]])])
+        views = torch.stack([image[:, 64:128, x:x + 64] for x in offsets])  # (length, 3, 64, 64)
+        writer.write(range(e * length, (e + 1) * length), views.permute(0, 2, 3, 1).round().byte().numpy())
+    writer.close()
+    np.save(out / "actions.npy", rng.permutation(actions) if shuffle_actions else actions)
+    write_meta(out, source="procgen:coinrun", fps=15.0, height=64, width=64, count=episodes * length,
+               episode_starts=list(range(0, episodes * length, length)), levels=list(range(episodes)),
+               num_actions=len(PROCGEN_ACTIONS), action_names=PROCGEN_ACTIONS)
+    return out
+
+
+@pytest.mark.parametrize("shuffle_actions", [False, True])
+def test_the_inverse_dynamics_ceiling_reads_actions_the_frames_show_and_no_others(coinrun, tmp_path, shuffle_actions):
+    store = sliding_store(coinrun, tmp_path / "sliding", shuffle_actions)
+    result = run("evaluate.py", "idm", store, "--steps", 150, "--batch_size", 32, "--json", tmp_path / "idm.json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((tmp_path / "idm.json").read_text())
+    assert figures["transitions"] > 40
+    if shuffle_actions:
+        assert figures["effect_accuracy"] < figures["effect_majority"] + 0.2 and figures["nmi_effect"] < 0.2
+    else:
+        assert figures["effect_accuracy"] > 0.9 and figures["horizontal_accuracy"] > 0.9 and figures["nmi_effect"] > 0.6
 
 
 def test_latent_action_figures_on_planted_latents():
