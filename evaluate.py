@@ -29,6 +29,10 @@ genie reports:
                                        actions, at t = 4 and at t = --horizon
   rollout_psnr, baseline_psnr          PSNR per horizon step of the inferred-action rollout, and of copying the
                                        prompt frame (the baseline a world model must beat)
+  lam_rollout_psnr,                    the LAM's own decoder rolled forward from the prompt frame as a world model in
+  lam_random_action_psnr,              pixels, with the inferred and with random latent actions, and its Delta PSNR at
+  lam_delta_psnr_t4, lam_delta_psnr_long  t = 4 and t = --horizon: how far the actions lead a model that reads them
+                                       in pixels, beside the dynamics', which reads them through the tokens
   lam_decoder_gain_db,                 the LAM's own decoder predicting each next frame of the clips: its error with
   lam_decoder_vs_copy_db               random actions over its error with the inferred ones, in dB (what the actions
                                        tell it), and the error of copying the frame before over it (negative: the
@@ -267,6 +271,17 @@ def lam_decoder_errors(action_model, clips, actions, generator):
     return torch.stack(errors + [(action_model.tokens(past).float() - target).square().mean()]).cpu()
 
 
+@torch.no_grad()
+def lam_rollout(action_model, first, actions):
+    """The LAM's own decoder rolled forward as a world model on pixels: the first frames (B, 3, H, W) and actions
+    (B, L) -> frames (B, L, 3, H, W), each predicted from the generated frames before it and its action."""
+    frames = first[:, None]
+    for t in range(actions.shape[1]):
+        tokens = action_model.decode(frames, action_model.action_embedding(actions[:, :t + 1]))[:, -1:]
+        frames = torch.cat([frames, action_model.frames_of(tokens).clamp(-1, 1)], dim=1)
+    return frames[:, 1:]
+
+
 def lam_decoder_figures(errors):
     """Mean squared errors (inferred, random, copy) -> the decoder's gain in dB from its inferred actions over random
     ones, and over copying the previous frame (negative: the decoder is worse than a copy)."""
@@ -296,11 +311,13 @@ def evaluate_genie(args):
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(dataset), min(args.clips, len(dataset)), replace=False)
     generator = torch.Generator(device).manual_seed(args.seed)
+    num_actions = action_model.config.num_actions
     names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
     train_codes, train_true = lam_codes(action_model, WindowDataset(store, args.horizon + 1, split="train"),
                                         rng, args.clips, args.batch_size, device)
     tokenizer_psnr, codes, latent, true, val_codes, inferred_psnr, random_psnr, baseline_psnr = ([] for _ in range(8))
     decoder_errors, decoder_generator = [], torch.Generator(device).manual_seed(args.seed + 1)
+    lam_inferred_psnr, lam_random_psnr, lam_generator = [], [], torch.Generator(device).manual_seed(args.seed + 2)
     for i in range(0, len(picks), args.batch_size):
         batch = [dataset[int(j)] for j in picks[i:i + args.batch_size]]
         frames = from_uint8(torch.stack([b["frames"] for b in batch]).to(device))  # (B, T, 3, 64, 64)
@@ -310,6 +327,11 @@ def evaluate_genie(args):
         val_codes.append(z.flatten(0, 1).float().cpu())
         true.append(torch.stack([b["actions"][:-1] for b in batch]).flatten())
         decoder_errors.append(lam_decoder_errors(action_model, frames, actions, decoder_generator))
+        target = frames[:, 1:]
+        baseline_psnr.append(psnr(frames[:, :1].expand_as(target), target).cpu())
+        shuffled = torch.randint(0, num_actions, actions.shape, device=device, generator=lam_generator)
+        for acts, out in ((actions, lam_inferred_psnr), (shuffled, lam_random_psnr)):
+            out.append(psnr(lam_rollout(action_model, frames[:, 0], acts), target).cpu())
         if tokenizer is None:
             continue
         tokens = tokenizer.encode(frames.flatten(0, 1))
@@ -317,14 +339,11 @@ def evaluate_genie(args):
         codes.append(tokens.unique().cpu())
         if dynamics_model is None:
             continue
-        target = frames[:, 1:]
         shuffled = torch.randint(0, dynamics_model.config.num_actions, actions.shape, device=device, generator=generator)
         for acts, out in ((actions, inferred_psnr), (shuffled, random_psnr)):
             out.append(psnr(rollout(tokenizer, sampler, frames[:, 0], acts, generator), target).cpu())
-        baseline_psnr.append(psnr(frames[:, :1].expand_as(target), target).cpu())
 
     latent, true = torch.cat(latent).numpy(), torch.cat(true).numpy()
-    num_actions = action_model.config.num_actions
     results = {"clips": len(picks), "horizon": args.horizon, "maskgit_steps": args.maskgit_steps,
                "temperature": args.temperature,
                **latent_action_figures(latent, true, names, store.meta["source"], num_actions, rng),
@@ -335,12 +354,16 @@ def evaluate_genie(args):
     if tokenizer is not None:
         results["tokenizer_psnr"] = float(torch.cat(tokenizer_psnr).mean())
         results["codebook_used"] = len(torch.cat(codes).unique()) / tokenizer.config.num_codes
+    t4 = min(4, args.horizon) - 1
+    lam_inferred, lam_shuffled, baseline = (torch.cat(x).mean(0) for x in (lam_inferred_psnr, lam_random_psnr,
+                                                                            baseline_psnr))
+    results.update(lam_rollout_psnr=lam_inferred.tolist(), lam_random_action_psnr=lam_shuffled.tolist(),
+                   lam_delta_psnr_t4=float(lam_inferred[t4] - lam_shuffled[t4]),
+                   lam_delta_psnr_long=float(lam_inferred[-1] - lam_shuffled[-1]), baseline_psnr=baseline.tolist())
     if dynamics_model is not None:
-        inferred, shuffled, baseline = (torch.cat(x).mean(0) for x in (inferred_psnr, random_psnr, baseline_psnr))
-        t4 = min(4, args.horizon) - 1
+        inferred, shuffled = (torch.cat(x).mean(0) for x in (inferred_psnr, random_psnr))
         results.update(delta_psnr_t4=float(inferred[t4] - shuffled[t4]), delta_psnr_long=float(inferred[-1] - shuffled[-1]),
-                       rollout_psnr=inferred.tolist(), random_action_psnr=shuffled.tolist(),
-                       baseline_psnr=baseline.tolist())
+                       rollout_psnr=inferred.tolist(), random_action_psnr=shuffled.tolist())
     table = np.zeros((len(names), num_actions), np.int64)
     np.add.at(table, (true, latent), 1)
     results["confusion"] = table.tolist()
@@ -364,13 +387,16 @@ def evaluate_genie(args):
     print("meaning               " + ", ".join(f"{m['action']}: {m['effect']} ({m['share']:.0%})"
                                                for m in results["meaning"]))
     print_lam_decoder(results)
+    print(f"LAM decoder rollout   Delta PSNR t=4: {results['lam_delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
+          f"{results['lam_delta_psnr_long']:+.2f} dB")
+    rows = [("LAM decoder rollout", lam_inferred), ("LAM, random actions", lam_shuffled)]
     if dynamics_model is not None:
         print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
               f"{results['delta_psnr_long']:+.2f} dB")
-        print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
-        for name, values in (("rollout PSNR", inferred), ("random actions PSNR", shuffled),
-                             ("copy-first baseline", baseline)):
-            print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in values.tolist()))
+        rows += [("rollout PSNR", inferred), ("random actions PSNR", shuffled)]
+    print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
+    for name, values in rows + [("copy-first baseline", baseline)]:
+        print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in values.tolist()))
     print(f"wrote {json_path}, {json_path.with_name(json_path.stem + '_confusion.png')} and {models / 'meaning.json'}")
     return results
 

@@ -140,6 +140,12 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         p = self.config.patch
         return rearrange(frames, "b t c (h p) (w q) -> b t (h w) (p q c)", p=p, q=p)
 
+    def frames_of(self, tokens):  # the inverse of tokens: (B, T, N, P) -> pixels (B, T, 3, H, W), or latents as they are
+        if self.config.input == "latents":
+            return tokens
+        p, rows = self.config.patch, self.config.grid[0]
+        return rearrange(tokens, "b t (h w) (p q c) -> b t c (h p) (w q)", h=rows, p=p, q=p)
+
     def images(self, frames):  # pixels (B, T, 3, H, W) or latents (B, T, N, P) -> (B, T, channels, rows, cols)
         if self.config.input == "pixels":
             return frames

@@ -11,7 +11,8 @@ import torch
 
 from conftest import ROOT, assert_user_error, run
 from dataset import FrameStore, FrameWriter, TokenStore, WindowDataset, model_id, write_meta
-from evaluate import action_effect, lam_decoder_errors, lam_decoder_figures, latent_action_figures, linear_probe
+from evaluate import action_effect, lam_decoder_errors, lam_decoder_figures, lam_rollout, latent_action_figures, \
+    linear_probe
 from lam import LAMConfig, LatentActionModel
 from play import default_keymap
 from train_genie import open_tokens
@@ -101,10 +102,12 @@ def test_evaluate_genie_writes_the_figures(genie, tmp_path):
     for key in ("tokenizer_psnr", "codebook_used", "lam_usage", "lam_codes_used", "lam_perplexity", "nmi",
                 "delta_psnr_t4", "delta_psnr_long", "rollout_psnr", "baseline_psnr", "nmi_effect", "effect_accuracy",
                 "horizontal_accuracy", "probe_accuracy", "effect_accuracy_chance", "effect_majority",
-                "lam_decoder_gain_db", "lam_decoder_vs_copy_db"):
+                "lam_decoder_gain_db", "lam_decoder_vs_copy_db", "lam_rollout_psnr", "lam_random_action_psnr",
+                "lam_delta_psnr_t4", "lam_delta_psnr_long"):
         assert key in figures
     assert np.isfinite([figures["lam_decoder_gain_db"], figures["lam_decoder_vs_copy_db"]]).all()
-    assert len(figures["rollout_psnr"]) == len(figures["baseline_psnr"]) == 5
+    assert len(figures["rollout_psnr"]) == len(figures["baseline_psnr"]) == len(figures["lam_rollout_psnr"]) == 5
+    assert figures["lam_delta_psnr_t4"] == figures["lam_rollout_psnr"][3] - figures["lam_random_action_psnr"][3]
     assert abs(sum(figures["lam_usage"]) - 1) < 1e-6 and 0 <= figures["nmi"] <= 1 and 0 <= figures["nmi_effect"] <= 1
     assert figures["effects"] == ["left", "left + jump", "none", "jump", "right", "right + jump"]
     assert (tmp_path / "eval_confusion.png").stat().st_size > 0
@@ -187,6 +190,23 @@ def test_the_inverse_dynamics_ceiling_reads_actions_the_frames_show_and_no_other
         assert figures["effect_accuracy"] < figures["effect_majority"] + 0.2 and figures["nmi_effect"] < 0.2
     else:
         assert figures["effect_accuracy"] > 0.9 and figures["horizontal_accuracy"] > 0.9 and figures["nmi_effect"] > 0.6
+
+
+@torch.no_grad()
+def test_the_lam_rollout_feeds_back_its_own_frames(genie):
+    frames = from_uint8(torch.stack([WindowDataset(genie / "coinrun", 5, split="val")[i]["frames"] for i in range(3)]))
+    torch.manual_seed(0)
+    copying = LatentActionModel(LAMConfig(arch="conv", width=16, context_mask=0.0)).eval()  # untrained: a copy
+    assert torch.equal(copying.frames_of(copying.tokens(frames)), frames)
+    actions = copying.infer_actions(frames)
+    assert torch.allclose(lam_rollout(copying, frames[:, 0], actions), frames[:, :1].expand(-1, 4, -1, -1, -1))
+    trained = load_model(LatentActionModel, genie / "models" / "lam")
+    generated = lam_rollout(trained, frames[:, 0], actions)
+    assert generated.shape == frames[:, 1:].shape and generated.abs().max() <= 1
+    first = trained.decode(frames[:, :1], trained.action_embedding(actions[:, :1]))  # step 1 reads the prompt alone
+    assert torch.allclose(generated[:, 0], trained.frames_of(first)[:, 0].clamp(-1, 1), atol=1e-5)
+    second = trained.decode(torch.stack([frames[:, 0], generated[:, 0]], 1), trained.action_embedding(actions[:, :2]))
+    assert torch.allclose(generated[:, 1], trained.frames_of(second)[:, 1].clamp(-1, 1), atol=1e-5)  # not the true frame
 
 
 def test_latent_action_figures_on_planted_latents():
