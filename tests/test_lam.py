@@ -139,9 +139,9 @@ def test_the_conv_lam_learns_through_its_codes():
 
 def test_planted_movements_get_their_own_conv_codes(coinrun):
     frames = textured_frames(coinrun)
-    model = train(conv(), frames, steps=150, seed=0)
+    model = train(conv(), frames, steps=100, seed=0)
     majority, share, _ = movement_scores(model, frames, seed=1)
-    # Measured: 1.00 and 0.99 (seed 1 of training: 1.00 and 0.92); at 100 steps 1.00 / 0.98 and 0.98 / 0.95.
+    # Measured: 0.90 and 0.92 (seed 1 of training: 0.99 and 0.95); at 150 steps 0.88 / 0.98 and 1.00 / 0.98.
     assert majority[0] != majority[1], (majority, share)
     assert min(share) > 0.85, (majority, share)
 
