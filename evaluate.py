@@ -448,8 +448,9 @@ def evaluate_idm(args):
     horizontal_of_effect = np.zeros(len(effects), np.int64)
     horizontal_of_effect[effect_of] = horizontal_of  # every action of an effect class has its direction
     train, val = (WindowDataset(store, 2, split=split) for split in ("train", "val"))
-    if len(val) == 0:
-        raise UserError(f"{store.path} has no held-out transitions (its 'val' split is empty)")
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(f"{store.path} needs transitions on training and on held-out levels (its 'train' split has "
+                        f"{len(train)}, its 'val' split {len(val)})")
 
     def batch(dataset, picks):  # -> frames t and t + 1 stacked (B, 6, H, W), effect classes (B,)
         items = [dataset[int(i)] for i in picks]

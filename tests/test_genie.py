@@ -209,6 +209,13 @@ def test_the_lam_rollout_feeds_back_its_own_frames(genie):
     assert torch.allclose(generated[:, 1], trained.frames_of(second)[:, 1].clamp(-1, 1), atol=1e-5)  # not the true frame
 
 
+def test_the_inverse_dynamics_ceiling_needs_true_actions(coinrun, tmp_path):
+    store = sliding_store(coinrun, tmp_path / "sliding", False, episodes=4)
+    (store / "actions.npy").unlink()
+    assert_user_error(run("evaluate.py", "idm", store, "--json", tmp_path / "idm.json"), "has no true actions")
+    assert not (tmp_path / "idm.json").exists()
+
+
 def test_latent_action_figures_on_planted_latents():
     rng = np.random.default_rng(0)
     true = rng.integers(0, len(PROCGEN_ACTIONS), 6000)
