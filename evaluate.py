@@ -274,10 +274,12 @@ def lam_decoder_errors(action_model, clips, actions, generator):
 @torch.no_grad()
 def lam_rollout(action_model, first, actions):
     """The LAM's own decoder rolled forward as a world model on pixels: the first frames (B, 3, H, W) and actions
-    (B, L) -> frames (B, L, 3, H, W), each predicted from the generated frames before it and its action."""
-    frames = first[:, None]
+    (B, L) -> frames (B, L, 3, H, W), each predicted from the generated frames before it and its action. Only the
+    frames its decoder reads are decoded again at each step."""
+    frames, window = first[:, None], action_model.decoder_frames
     for t in range(actions.shape[1]):
-        tokens = action_model.decode(frames, action_model.action_embedding(actions[:, :t + 1]))[:, -1:]
+        start = 0 if window is None else max(0, t + 1 - window)
+        tokens = action_model.decode(frames[:, start:], action_model.action_embedding(actions[:, start:t + 1]))[:, -1:]
         frames = torch.cat([frames, action_model.frames_of(tokens).clamp(-1, 1)], dim=1)
     return frames[:, 1:]
 

@@ -140,6 +140,10 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         p = self.config.patch
         return rearrange(frames, "b t c (h p) (w q) -> b t (h w) (p q c)", p=p, q=p)
 
+    @property
+    def decoder_frames(self):  # past frames the decoder reads per transition: conv t-1 and t; the transformer all
+        return 2 if self.config.arch == "conv" else None
+
     def frames_of(self, tokens):  # the inverse of tokens: (B, T, N, P) -> pixels (B, T, 3, H, W), or latents as they are
         if self.config.input == "latents":
             return tokens
