@@ -7,26 +7,28 @@ of P = 3 * patch^2 pixels (the Genie pipeline's 64x64 frames); "latents", the Vi
 N = rows * cols = 220 tokens of P = latent_dim = 48 (the diffusion pipeline's footage at 320x180), taken as they
 are. Everything after the tokens is the same model.
 
-Encoder (inverse dynamics): the frames' patch tokens go through a spatio-temporal transformer, causal in time, so the
-tokens of frame t+1 see x_1..x_{t+1}; a learned attention pooling (softmax of a score per token) sums them into a small
-code, quantised to one of K actions: a_t for the transition t -> t+1. The pooling can put its weight on the few
-patches that moved, where a mean would dilute them among 64 (`pool`: attn; mean for the ablation). Decoder (forward
-dynamics): x_1..x_t through a second transformer, each frame conditioned (adaLN) on the action taken after it,
-predicts the tokens of x_{t+1}. The only path from x_{t+1} to the decoder is a_t, so a
-useful action must say what changed. One clip trains all T - 1 transitions at once. After training only the encoder
-matters: infer_actions labels clips for the dynamics model.
-
-`arch`: conv replaces both transformers by convolutional nets on the frames as images (latent frames as 48-channel
-images of 11x20): the encoder reads frames t-1, t and t+1 stacked, the decoder is a U-Net that reads frames t-1 and
-t with the action's embedding tiled over every level and predicts the change to frame t+1 (starting as a copy of
-frame t). At CPU scale its decoder gains 2 dB from its own actions over random ones where the transformer's gains
-nothing (README, "Measured"). context_mask and pool are the transformer's alone.
+Encoder (inverse dynamics): frames -> a small code per transition, quantised to one of K actions: a_t for the
+transition t -> t+1. Decoder (forward dynamics): the past frames and a_t -> frame t+1. The only path from x_{t+1} to
+the decoder is a_t, so a useful action must say what changed. One clip trains all T - 1 transitions at once. After
+training only the encoder matters: infer_actions labels clips for the dynamics model. Two architectures (`arch`):
+  - conv (the default): convolutional nets on the frames as images (latent frames as 48-channel images of 11x20).
+    The encoder reads frames t-1, t and t+1 stacked; the decoder is a U-Net that reads frames t-1 and t with the
+    action's embedding tiled over every level, and predicts the change to frame t+1 (starting as a copy of frame t).
+    Each level halves the map, down to about 4 on its short side (`levels`). At CPU scale its decoder gains 2 dB from
+    its own actions over random ones, on pixels and on latents, where the transformer's gains nothing, and a DiT
+    trained on its actions follows them (README, "Measured").
+  - transformer: the frames' patch tokens go through a spatio-temporal transformer, causal in time, so the tokens of
+    frame t+1 see x_1..x_{t+1}; a learned attention pooling (softmax of a score per token, `pool`: attn; mean for the
+    ablation) sums them into the code, so it can weigh the few patches that moved. The decoder is a second
+    transformer over x_1..x_t, each frame conditioned (adaLN) on the action taken after it. context_mask and pool are
+    this architecture's alone.
 
 Why a LAM collapses, and what this one does against it (each measure is a config field; 0 turns it off for ablations):
   - A decoder that sees x_t can copy it: the reconstruction is almost solved without the action, the action gets no
-    gradient worth having, and every transition ends on one code.
-    `context_mask`: in training, this fraction of the past frames' patch tokens is replaced by a learned mask token,
-    so copying the past leaves holes that only the action (what moved, and where) helps to fill.
+    gradient worth having, and every transition ends on one code. The conv decoder reads frames t-1 and t only, so
+    less of the next frame is predictable from past motion than from a whole clip. The transformer's decoder reads
+    the clip: there `context_mask`, in training, replaces this fraction of the past frames' patch tokens by a learned
+    mask token, so copying the past leaves holes that only the action (what moved, and where) helps to fill.
   - A code that loses the first nearest-neighbour contests never wins again. vae.VectorQuantizer compares small
     (`code_dim`) l2-normalised codes by cosine similarity, so no code is out of reach by its norm, and restarts a code
     idle for `dead_after` steps onto an encoder output of the batch.
@@ -75,9 +77,8 @@ class LAMConfig:
     batch_norm: bool = True     # centre and scale the code per dimension over the batch before quantising
     motion_weight: float = 4.0  # extra reconstruction weight on what changes; 0 = plain MSE
     pool: str = "attn"          # frame t+1's patch features -> action code: attn (learned scores) or mean
-    arch: str = "transformer"   # transformer (above), or conv: convolutional inverse and forward dynamics on 3 frames
+    arch: str = "conv"          # conv: convolutional inverse and forward dynamics on 3 frames; or transformer
     width: int = 64             # conv: channels of the first level (then twice that)
-    levels: int = 4             # conv: stride-2 levels of the encoder and of the decoder's U-Net
 
     @property
     def grid(self):  # (rows, cols) of the token grid
@@ -89,9 +90,17 @@ class LAMConfig:
     def token_dim(self):  # P: numbers per token
         return self.latent_dim if self.input == "latents" else 3 * self.patch ** 2
 
+    @property
+    def levels(self):  # conv: stride-2 levels, down to a map of about 4 on its short side (64x64: 4, 11x20: 2)
+        side = self.image_size if self.input == "pixels" else min(self.rows, self.cols)
+        levels = 0
+        while side > 4:
+            side, levels = (side + 1) // 2, levels + 1
+        return max(levels, 1)
+
 
 PRESETS = {
-    "tiny": LAMConfig(dim=64, depth=2, heads=4),
+    "tiny": LAMConfig(dim=64, depth=2, heads=4, width=32),
     "default": LAMConfig(),
 }
 

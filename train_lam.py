@@ -5,9 +5,9 @@ learned from the ViT-VAE's latent frames of unlabelled video.
   python train_lam.py videos/z8r255LoVJc_12fps_320x180 --vae models/vae2              # one GPU, default sizes
 
 DATA is a latent store that `dataset.py encode` made with that VAE, or a frame store or video, encoded once into
-<store>_latents beside it (as for train_dit.py). The LAM is lam.py's with input=latents: its tokens are the 11 x 20
-latent tokens of each frame, posterior draws scaled to unit variance as the DiT sees them; it reads clips of --seq_len
-frames of the training split.
+<store>_latents beside it (as for train_dit.py). The LAM is lam.py's with input=latents: it reads each frame's 11 x 20
+latents of 48 numbers (the conv LAM as a 48-channel image), posterior draws scaled to unit variance as the DiT sees
+them, in clips of --seq_len frames of the training split.
 
 Writes the model folder --out (config.json + model.safetensors) and its loss log to logs/<name>.json beside it.
 Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command continues from the
@@ -25,8 +25,8 @@ from utils import add_config_flags, apply_defaults, build, get_device, load_mode
     seed_everything
 from vae2 import ViTVAE
 
-DEFAULTS = {  # training hyperparameters per preset, as train_genie.py's LAM phase
-    "tiny": dict(steps=300, batch_size=16, lr=3e-4, seq_len=4),
+DEFAULTS = {  # training hyperparameters per preset; tiny: 2,400 steps of the conv LAM on 11x20 latents take about 2 min
+    "tiny": dict(steps=2400, batch_size=16, lr=1e-3, seq_len=4),
     "default": dict(steps=50_000, batch_size=64, lr=3e-4, seq_len=16),
 }
 
@@ -40,9 +40,9 @@ def main():
                              "generate.py, evaluate.py and play.py load)")
     add_config_flags(parser, lam.PRESETS, "LAM (tiny: CPU, tests; default: a GPU)")
     parser.add_argument("--seq_len", type=positive(int), help="frames per training clip (tiny 4, default 16)")
-    parser.add_argument("--steps", type=positive(int), help="training steps (tiny 300, default 50000)")
+    parser.add_argument("--steps", type=positive(int), help="training steps (tiny 2400, default 50000)")
     parser.add_argument("--batch_size", type=positive(int), help="clips per step (tiny 16, default 64)")
-    parser.add_argument("--lr", type=positive(float), help="peak learning rate (default 3e-4)")
+    parser.add_argument("--lr", type=positive(float), help="peak learning rate (tiny 1e-3, default 3e-4)")
     add_training_flags(parser)
     args = parser.parse_args()
     apply_defaults(args, DEFAULTS[args.preset])

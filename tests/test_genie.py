@@ -142,7 +142,7 @@ def test_lam_decoder_errors_compare_its_actions_with_random_ones_and_a_copy(geni
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     one_action = LatentActionModel(LAMConfig(dim=16, depth=1, heads=1, num_actions=1)).eval()
-    trained = load_model(LatentActionModel, genie / "models" / "lam")  # 8 actions, 40 steps: its adaLN reads them
+    trained = load_model(LatentActionModel, genie / "models" / "lam")  # 8 actions, 40 steps: its decoder reads them
     for action_model in (one_action, trained):
         with torch.no_grad():
             actions = action_model.infer_actions(frames)

