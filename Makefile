@@ -54,8 +54,8 @@ demo: $(VENV)/installed videos/coinrun/meta.json videos/coinrun_wide/meta.json
 	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --num_frames 24 --side_by_side \
 		--output results/generated.mp4
 	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --prompt_frames 8 --side_by_side \
-		--actions 2,2,2,2,2,2,2,2,2,2,2,2/5,5,5,5,5,5,5,5,5,5,5,5 --output results/diffusion_play.mp4
-	$(PY) play.py --models models --data videos/coinrun_wide --actions 0,1,2,3,4,5,6,7,2,2,5,5 \
+		--actions 4,4,4,4,4,4,4,4,4,4,4,4/7,7,7,7,7,7,7,7,7,7,7,7 --output results/diffusion_play.mp4
+	$(PY) play.py --models models --data videos/coinrun_wide --actions 0,1,2,3,4,5,6,7,4,4,7,7 \
 		--use_dataset_frame --output_dir results/diffusion_world_play
 	$(PY) bench.py generate --preset tiny --json results/bench_generate_tiny.json
 
