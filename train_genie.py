@@ -60,7 +60,7 @@ def train(phase, model, loss_fn, dataset, args, device):
 
 
 def model_config(phase, args):
-    """The preset's config for this phase with the --set overrides for it (e.g. lam.context_mask=0) applied."""
+    """The preset's config for this phase with the --set overrides for it (e.g. lam.width=64) applied."""
     prefix = f"{phase}."
     return override(PRESETS[phase][args.preset], [item[len(prefix):] for item in args.set if item.startswith(prefix)])
 
@@ -80,7 +80,7 @@ def main():
     parser.add_argument("--data", default="videos/coinrun", help="frame store of 64x64 frames (default videos/coinrun)")
     parser.add_argument("--out", default="models/genie", help="folder for the three model folders and the logs")
     add_config_flags(parser, DEFAULTS, "tokenizer, LAM and dynamics (tiny: CPU; default: a GPU)", "PHASE.FIELD",
-                     "lam.context_mask=0 dynamics.depth=12 (the ablations of the README)")
+                     "lam.arch=transformer dynamics.depth=12 (the ablations of the README)")
     parser.add_argument("--steps", type=positive(int),
                         help="training steps of each phase run (tiny: tokenizer 2400, LAM 300, dynamics 300; "
                              "default 50000 each)")
