@@ -64,7 +64,8 @@ def test_a_frozen_parameter_trains_and_a_failing_process_ends_the_launch(coinrun
     # at step 2)
     common = ["train_genie.py", "--phase", "lam", "--preset", "tiny", "--batch_size", 4, "--data", coinrun,
               "--num_workers", 2]  # DataLoader workers: what once kept a failed process from exiting
-    result = torchrun(*common, "--steps", 4, "--set", "lam.arch=transformer", "lam.context_mask=0", "--out", tmp_path / "no_mask")
+    result = torchrun(*common, "--steps", 4, "--set", "lam.arch=transformer", "lam.context_mask=0",
+                      "--out", tmp_path / "no_mask")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lam: weights identical in all 2 processes" in result.stdout
     started = time.time()
