@@ -196,7 +196,7 @@ def test_the_inverse_dynamics_ceiling_reads_actions_the_frames_show_and_no_other
 def test_the_lam_rollout_feeds_back_its_own_frames(genie):
     frames = from_uint8(torch.stack([WindowDataset(genie / "coinrun", 5, split="val")[i]["frames"] for i in range(3)]))
     torch.manual_seed(0)
-    copying = LatentActionModel(LAMConfig(arch="conv", width=16, context_mask=0.0)).eval()  # untrained: a copy
+    copying = LatentActionModel(LAMConfig(width=16)).eval()  # the conv LAM, untrained: a copy
     assert torch.equal(copying.frames_of(copying.tokens(frames)), frames)
     actions = copying.infer_actions(frames)
     assert torch.allclose(lam_rollout(copying, frames[:, 0], actions), frames[:, :1].expand(-1, 4, -1, -1, -1))
