@@ -4,7 +4,8 @@ Legend: B batch, T frames, N = rows * cols tokens per frame (16 x 16), D model d
 
 The model sees the full token grid of every context frame (a pooled summary would lose where things are) through the
 spatio-temporal transformer of transformer.py. Frame t is conditioned (adaLN, per frame) on the latent action a_{t-1}
-that led to it; frame 0 gets a learned "no action" embedding.
+that led to it; frame 0 gets a learned "no action" embedding, and so does a random `action_dropout` of the other frames
+in training, so that the model also predicts without the action and the sampler can guide by it (below).
 
 Training (MaskGIT): each frame after the first has its own masking ratio, cos(pi/2 * u) with u ~ U(0, 1); its masked
 tokens are replaced by a [MASK] token and predicted with cross-entropy. The first frame is never masked: it is the
@@ -14,6 +15,12 @@ Sampling (`Sampler`): the next frame starts fully masked and is decoded in `step
 (temperature), keep the most confident, re-mask the rest so that cos(pi/2 * s / steps) of the frame stays masked after
 step s. The context's temporal keys/values are cached (transformer.KVCache), so each step runs only the new frame's
 N tokens; the finished frame is pushed through once more to join the cache, which slides over `context` frames.
+
+Guidance. Greedy decoding of a weak model copies: each token's most likely value is the one it had a frame earlier
+(about half of the tokens change between two near-identical frames, each to one of many codes), and the latent action
+only moves probability among the other codes, so the argmax never sees it (README: the rollout keeps 98.5 % of the
+prompt's tokens with the inferred actions and with random ones alike). Classifier-free guidance, logits_none +
+cfg_scale * (logits_action - logits_none), lifts the codes that the action makes more likely above the copy.
 """
 import math
 from dataclasses import dataclass
@@ -37,7 +44,10 @@ class DynamicsConfig:
     depth: int = 8
     heads: int = 8
     mlp_ratio: float = 4.0
+    action_dropout: float = 0.1  # training: share of frames whose action becomes "no action" (for guidance)
 
+
+CFG_SCALE = 6.0  # the sampler's default guidance of the latent action; 1 = none (README: Genie guidance table)
 
 PRESETS = {
     "tiny": DynamicsConfig(context=4, dim=64, depth=2, heads=2),
@@ -75,6 +85,8 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         ratio = torch.cos(math.pi / 2 * torch.rand(b, t, 1, device=tokens.device))
         ratio[:, 0] = 0  # the first frame is the given context
         mask = torch.rand(target.shape, device=tokens.device) < ratio  # (B, T, N)
+        dropped = torch.rand(actions.shape, device=actions.device) < self.config.action_dropout  # (B, T - 1)
+        actions = actions.masked_fill(dropped, self.no_action)
         logits = self.head(self.hidden(target.masked_fill(mask, self.mask_token), self.frame_conditions(actions)))
         # Means over the masked tokens as weighted sums: indexing with the mask would give a shape only the GPU knows.
         weight = mask.float() / mask.sum().clamp_min(1)  # (B, T, N)
@@ -117,11 +129,13 @@ class Sampler:
     runs only the new frame's N tokens, and the finished frame is pushed through once more to join the cache. The
     cache is made by the first start() and emptied in place by later ones of the same batch size, so every rollout,
     reset and undo runs on the same tensors, as a CUDA graph of the step needs. With cached=False every decoding step
-    recomputes the whole window (the reference the cache is tested against).
+    recomputes the whole window (the reference the cache is tested against). With cfg_scale s != 1 each decoding
+    step runs the new frame twice, with its action and with "no action", on the same cache (module docstring).
     """
 
-    def __init__(self, model, steps=8, temperature=1.0, cached=True):
+    def __init__(self, model, steps=8, temperature=1.0, cached=True, cfg_scale=CFG_SCALE):
         self.model, self.steps, self.temperature, self.cached = model, steps, temperature, cached
+        self.cfg_scale = cfg_scale
         self.window = model.config.context - 1
         self.cache = self.context = self.conditions = None
         self.holder = None  # of the worlds sharing this sampler, the one whose context it holds (play.World)
@@ -153,19 +167,23 @@ class Sampler:
         """Decode the next frame, given the action (B,) leading to it; it joins the context. -> tokens (B, rows, cols)."""
         model, c = self.model, self.model.config
         if self.cached:
-            cond = model.action_embed(action)[:, None]  # (B, 1, D)
-
-            def logits(new):  # new (B, 1, N)
-                return model.head(model.hidden(new, cond, self.cache))[:, 0]
+            def logits_given(new, action):  # new (B, 1, N), action (B,)
+                return model.head(model.hidden(new, model.action_embed(action)[:, None], self.cache))[:, 0]
         else:
-            cond = model.action_embed(torch.cat([self.conditions, action[:, None]], dim=1))
-
-            def logits(new):
+            def logits_given(new, action):
+                cond = model.action_embed(torch.cat([self.conditions, action[:, None]], dim=1))
                 return model.head(model.hidden(torch.cat([self.context, new], dim=1), cond))[:, -1]
+
+        def logits(new):
+            given = logits_given(new, action)
+            if self.cfg_scale == 1:
+                return given
+            none = logits_given(new, torch.full_like(action, model.no_action))
+            return none + self.cfg_scale * (given - none)
         tokens = maskgit_decode(logits, len(action), c.rows * c.cols, model.mask_token, self.steps, self.temperature,
                                 generator, action.device)
         if self.cached:
-            model.hidden(tokens[:, None], cond, self.cache)
+            model.hidden(tokens[:, None], model.action_embed(action)[:, None], self.cache)
             self.cache.commit()
         self.context = torch.cat([self.context, tokens[:, None]], dim=1)[:, -self.window:]
         self.conditions = torch.cat([self.conditions, action[:, None]], dim=1)[:, -self.window:]

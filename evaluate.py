@@ -305,7 +305,8 @@ def evaluate_genie(args):
     # A folder with only lam/ (an ablation run with --phase lam) gets the latent-action figures alone.
     tokenizer = load_model(Tokenizer, models / "tokenizer", device) if (models / "tokenizer").exists() else None
     dynamics_model = load_model(dynamics.Dynamics, models / "dynamics", device) if (models / "dynamics").exists() else None
-    sampler = dynamics.Sampler(dynamics_model, args.maskgit_steps, args.temperature) if dynamics_model is not None else None
+    sampler = None if dynamics_model is None else \
+        dynamics.Sampler(dynamics_model, args.maskgit_steps, args.temperature, cfg_scale=args.cfg_scale)
     store = FrameStore(args.data)
     if not store.has_actions:
         raise UserError(f"{args.data} has no true actions to compare the latent actions with (collect a game store)")
@@ -347,7 +348,7 @@ def evaluate_genie(args):
 
     latent, true = torch.cat(latent).numpy(), torch.cat(true).numpy()
     results = {"clips": len(picks), "horizon": args.horizon, "maskgit_steps": args.maskgit_steps,
-               "temperature": args.temperature,
+               "temperature": args.temperature, "cfg_scale": args.cfg_scale,
                **latent_action_figures(latent, true, names, store.meta["source"], num_actions, rng),
                **lam_decoder_figures(torch.stack(decoder_errors).mean(0))}
     effect_of = effect_classes(names, store.meta["source"])[1]
@@ -394,7 +395,8 @@ def evaluate_genie(args):
     rows = [("LAM decoder rollout", lam_inferred), ("LAM, random actions", lam_shuffled)]
     if dynamics_model is not None:
         print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
-              f"{results['delta_psnr_long']:+.2f} dB")
+              f"{results['delta_psnr_long']:+.2f} dB (MaskGIT {args.maskgit_steps} steps, temperature "
+              f"{args.temperature:g}, guidance {args.cfg_scale:g})")
         rows += [("rollout PSNR", inferred), ("random actions PSNR", shuffled)]
     print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
     for name, values in rows + [("copy-first baseline", baseline)]:
@@ -667,6 +669,8 @@ def main():
     p.add_argument("--maskgit_steps", type=positive(int), default=8, help="decoding steps per frame (default 8)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature of the tokens (default 0: the most likely ones; 1 samples the model)")
+    p.add_argument("--cfg_scale", type=float, default=dynamics.CFG_SCALE,
+                   help=f"classifier-free guidance of the latent actions, 1 = none (default {dynamics.CFG_SCALE:g})")
     p.add_argument("--json", help="where to write the figures (default results/genie_eval.json)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clip choice and the sampling")
@@ -713,6 +717,8 @@ def main():
     if args.command == "plot":
         plot_logs(args)
     elif args.command == "genie":
+        if args.cfg_scale < 0:
+            raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
         seed_everything(args.seed)
         evaluate_genie(args)
     elif args.command == "vae":

@@ -36,7 +36,7 @@ import torch
 
 import dit
 from dataset import open_frames, require_size, split_episodes
-from dynamics import Dynamics, Sampler
+from dynamics import CFG_SCALE as GENIE_CFG_SCALE, Dynamics, Sampler
 from generate import CFG_SCALE, compile_world, decode_frame, load_world, model_folder
 from utils import (UserError, add_step_compile_flag, autocast, compile_step, from_uint8, get_device, load_model,
                    parse_actions, positive, run_cli, seed_everything, to_uint8, write_gif, write_mp4)
@@ -99,11 +99,12 @@ class GenieWorld(World):
     """The Genie world (train_genie.py): tokenizer/ and dynamics/; a step is MaskGIT decoding of the next frame's
     tokens by dynamics.Sampler, against the cached context."""
 
-    def __init__(self, tokenizer, dynamics, maskgit_steps=8, temperature=0.0, seed=0, meaning=None, sampler=None):
+    def __init__(self, tokenizer, dynamics, maskgit_steps=8, temperature=0.0, cfg_scale=GENIE_CFG_SCALE, seed=0,
+                 meaning=None, sampler=None):
         self.tokenizer, self.dynamics = tokenizer, dynamics
         self.device = next(dynamics.parameters()).device
         super().__init__(dynamics.config.num_actions, (tokenizer.config.image_size,) * 2,
-                         sampler or Sampler(dynamics, maskgit_steps, temperature), seed, meaning)
+                         sampler or Sampler(dynamics, maskgit_steps, temperature, cfg_scale=cfg_scale), seed, meaning)
 
     @classmethod
     def load(cls, models, device=None, **options):
@@ -487,18 +488,20 @@ def main():
     parser.add_argument("--steps", type=positive(int), default=EULER_STEPS,
                         help="diffusion: Euler steps per frame; more are slower and, at the demo scale, no better "
                              f"(default {EULER_STEPS}; the README's table)")
-    parser.add_argument("--cfg_scale", type=float, default=CFG_SCALE,
-                        help=f"diffusion: guidance of the latent actions, 1 = none (default {CFG_SCALE:g})")
+    parser.add_argument("--cfg_scale", type=float,
+                        help="classifier-free guidance of the latent actions, 1 = none (default: "
+                             f"{GENIE_CFG_SCALE:g} for a Genie world, {CFG_SCALE:g} for a diffusion world)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling")
     add_step_compile_flag(parser)
     args = parser.parse_args()
-    if args.cfg_scale < 0:
+    if args.cfg_scale is not None and args.cfg_scale < 0:
         raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
     seed_everything(args.seed)
+    guidance = {} if args.cfg_scale is None else dict(cfg_scale=args.cfg_scale)
     world = load_any_world(args.models, args.device, {
-        "genie": dict(maskgit_steps=args.maskgit_steps, temperature=args.temperature, seed=args.seed),
-        "diffusion": dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)})
+        "genie": dict(maskgit_steps=args.maskgit_steps, temperature=args.temperature, seed=args.seed, **guidance),
+        "diffusion": dict(steps=args.steps, seed=args.seed, **guidance)})
     args.data = args.data or ("videos/coinrun" if isinstance(world, GenieWorld) else "videos/coinrun_wide")
     if args.compile:
         world.compile()

@@ -1,4 +1,6 @@
-"""MaskGIT dynamics: shapes, causality, and cached decoding equal to recomputing the whole context."""
+"""MaskGIT dynamics: shapes, causality, action dropout and guidance, and cached decoding equal to recomputing the
+whole context."""
+import pytest
 import torch
 
 from dynamics import PRESETS, Dynamics, Sampler
@@ -35,18 +37,47 @@ def test_later_frames_do_not_change_earlier_logits():
     assert torch.allclose(out[:, :3], out2[:, :3], atol=1e-5) and not torch.allclose(out[:, 3], out2[:, 3])
 
 
+def test_dropped_actions_train_the_no_action_path():
+    model = Dynamics(PRESETS["tiny"])
+    model.config.action_dropout = 1.0
+    tokens = torch.randint(0, 1024, (2, 4, 16, 16))
+    losses = []
+    for actions in (torch.randint(0, 8, (2, 3)), torch.full((2, 3), model.no_action)):
+        torch.manual_seed(1)
+        losses.append(model(tokens, actions)[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
 @torch.no_grad()
-def test_cached_decoding_equals_uncached():
+def test_guidance_decodes_the_guided_logits_and_scale_1_is_the_plain_model():
+    model = tiny_model()
+    context, action = torch.randint(0, 1024, (2, 2, 16, 16)), torch.tensor([3, 5])
+    known = torch.tensor([[1], [6]])  # the action between the two context frames
+    x = torch.cat([context.flatten(2), torch.full((2, 1, 256), model.mask_token)], dim=1)
+
+    def logits(new_action):
+        return model.head(model.hidden(x, model.frame_conditions(torch.cat([known, new_action[:, None]], 1))))[:, -1]
+    given, none = logits(action), logits(torch.full_like(action, model.no_action))
+    for scale, expected in ((1.0, given), (3.0, none + 3 * (given - none))):
+        tokens = Sampler(model, steps=1, temperature=0, cfg_scale=scale).start(context, known).step(action)
+        assert torch.equal(tokens.flatten(1), expected.argmax(-1))
+    assert not torch.equal((none + 3 * (given - none)).argmax(-1), given.argmax(-1))  # the test can tell them apart
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+@torch.no_grad()
+def test_cached_decoding_equals_uncached(cfg_scale):
     model = tiny_model()
     context = torch.randint(0, 1024, (3, 1, 16, 16))  # batch of 3 worlds, one prompt frame each
-    cached, uncached = Sampler(model, steps=4, temperature=0).start(context), \
-        Sampler(model, steps=4, temperature=0, cached=False).start(context)
+    cached, uncached = Sampler(model, steps=4, temperature=0, cfg_scale=cfg_scale).start(context), \
+        Sampler(model, steps=4, temperature=0, cached=False, cfg_scale=cfg_scale).start(context)
     for _ in range(2):  # the context window is 4 frames: 1 prompt + 2 predicted + the one being decoded
         action = torch.randint(0, 8, (3,))
         assert torch.equal(cached.step(action), uncached.step(action))
     # Sampling at temperature > 0 with the same generator is also identical.
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    cached, uncached = Sampler(model, steps=8).start(context), Sampler(model, steps=8, cached=False).start(context)
+    cached = Sampler(model, steps=8, cfg_scale=cfg_scale).start(context)
+    uncached = Sampler(model, steps=8, cached=False, cfg_scale=cfg_scale).start(context)
     action = torch.tensor([1, 2, 3])
     tokens = cached.step(action, g1)
     assert torch.equal(tokens, uncached.step(action, g2))
