@@ -28,7 +28,8 @@ included, as generate.py runs (the VAE at the tiny preset for the tiny DiT, else
 and one warm-up frame are excluded.
 
 play: steps/s of a world as play.py steps it (batch 1). --world genie (play.GenieWorld): MaskGIT decoding of the next
-16x16 token frame in --maskgit_steps steps with the cached context, then the tokenizer's decode to 64x64 pixels.
+16x16 token frame in --maskgit_steps steps with the cached context, each step run twice under guidance (--cfg_scale,
+as play.py; 1 runs it once), then the tokenizer's decode to 64x64 pixels.
 --world diffusion (play.DiffusionWorld, a DiT taking 8 latent actions): --euler_steps cached Euler steps of the new
 frame, then the ViT-VAE's decode to 320x180 pixels.
 
@@ -377,9 +378,10 @@ def bench_play(args, device):
         grid = tokenizer.config.grid
         config = dataclasses.replace(dynamics.PRESETS[args.preset], vocab_size=tokenizer.config.num_codes, rows=grid,
                                      cols=grid)
-        world = GenieWorld(tokenizer, dynamics.Dynamics(config).to(device).eval(), args.maskgit_steps)
-        how = f"{args.maskgit_steps} MaskGIT steps, context {config.context}"
-        settings = {"maskgit_steps": args.maskgit_steps, "context": config.context}
+        world = GenieWorld(tokenizer, dynamics.Dynamics(config).to(device).eval(), args.maskgit_steps,
+                           cfg_scale=args.cfg_scale)
+        how = f"{args.maskgit_steps} MaskGIT steps, guidance {args.cfg_scale:g}, context {config.context}"
+        settings = {"maskgit_steps": args.maskgit_steps, "cfg_scale": args.cfg_scale, "context": config.context}
     else:
         config = dataclasses.replace(dit.PRESETS[args.preset], num_actions=8)
         autoencoder = vae2.ViTVAE(vae2.PRESETS[args.preset]).to(device).eval()
@@ -548,6 +550,8 @@ def main():
     p.add_argument("--world", default="genie", choices=["genie", "diffusion"], help="which world (default genie)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "default"], help="model sizes (default tiny)")
     p.add_argument("--maskgit_steps", type=positive(int), default=8, help="genie: decoding steps per frame (default 8)")
+    p.add_argument("--cfg_scale", type=positive(float), default=dynamics.CFG_SCALE,
+                   help=f"genie: guidance of the action, 1 = none, one pass per step (default {dynamics.CFG_SCALE:g})")
     p.add_argument("--euler_steps", type=positive(int), default=EULER_STEPS,
                    help=f"diffusion: Euler steps per frame (default {EULER_STEPS}, as play.py)")
     p.add_argument("--steps", type=positive(int), default=20, help="timed play steps per run (default 20)")

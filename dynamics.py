@@ -18,7 +18,7 @@ N tokens; the finished frame is pushed through once more to join the cache, whic
 
 Guidance. Greedy decoding of a weak model copies: each token's most likely value is the one it had a frame earlier
 (about half of the tokens change between two near-identical frames, each to one of many codes), and the latent action
-only moves probability among the other codes, so the argmax never sees it (README: the rollout keeps 98.5 % of the
+only moves probability among the other codes, so the argmax never sees it (README: the rollout keeps about 98 % of the
 prompt's tokens with the inferred actions and with random ones alike). Classifier-free guidance, logits_none +
 cfg_scale * (logits_action - logits_none), lifts the codes that the action makes more likely above the copy.
 """

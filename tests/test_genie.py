@@ -84,6 +84,21 @@ def test_play_compiled_gives_the_eager_frames(genie, tmp_path):
     assert (np.abs(frames[True].astype(int) - frames[False]) > 1).mean() < 0.01
 
 
+def test_guidance_is_a_flag_of_play_and_evaluate_and_bad_values_are_refused(genie, tmp_path):
+    frames = {}
+    for scale in (1, 6):
+        out = tmp_path / f"play{scale}"
+        result = run("play.py", "--models", genie / "models", "--data", genie / "coinrun", "--actions", "1,4,6",
+                     "--cfg_scale", scale, "--output_dir", out)
+        assert result.returncode == 0, result.stderr
+        frames[scale] = np.stack([cv2.imread(str(p)) for p in sorted(out.glob("frame_*.png"))])
+    assert np.array_equal(frames[1][0], frames[6][0]) and not np.array_equal(frames[1], frames[6])
+    assert_user_error(run("play.py", "--models", genie / "models", "--cfg_scale", -1, "--actions", "1",
+                          "--output_dir", tmp_path / "p"), "--cfg_scale must be at least 0")
+    assert_user_error(run("evaluate.py", "genie", genie / "coinrun", "--models", genie / "models", "--cfg_scale", -1,
+                          "--json", tmp_path / "e.json"), "--cfg_scale must be at least 0")
+
+
 def test_play_terminal_reads_keys(genie, tmp_path):
     result = subprocess.run([sys.executable, "play.py", "--models", str(genie / "models"), "--data",
                              str(genie / "coinrun"), "--output_dir", str(tmp_path), "--ui", "terminal"],
@@ -99,6 +114,7 @@ def test_evaluate_genie_writes_the_figures(genie, tmp_path):
                  "--horizon", 5, "--json", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
+    assert figures["cfg_scale"] == 6 and figures["temperature"] == 0
     for key in ("tokenizer_psnr", "codebook_used", "lam_usage", "lam_codes_used", "lam_perplexity", "nmi",
                 "delta_psnr_t4", "delta_psnr_long", "rollout_psnr", "baseline_psnr", "nmi_effect", "effect_accuracy",
                 "horizontal_accuracy", "probe_accuracy", "effect_accuracy_chance", "effect_majority",
