@@ -29,6 +29,11 @@ genie reports:
                                        actions, at t = 4 and at t = --horizon
   rollout_psnr, baseline_psnr          PSNR per horizon step of the inferred-action rollout, and of copying the
                                        prompt frame (the baseline a world model must beat)
+  token_copy_psnr                      copying the prompt frame's tokens: what a dynamics that keeps every token
+                                       scores through the tokenizer (the copy baseline with the tokenizer's error)
+  baseline_exact                       per horizon step, the share of clips whose frame equals the prompt frame: a
+                                       copy scores the 100 dB cap on those, which lifts the baselines' means (the
+                                       player stood still)
   lam_rollout_psnr,                    the LAM's own decoder rolled forward from the prompt frame as a world model in
   lam_random_action_psnr,              pixels, with the inferred and with random latent actions, and its Delta PSNR at
   lam_delta_psnr_t4, lam_delta_psnr_long  t = 4 and t = --horizon: how far the actions lead a model that reads them
@@ -54,6 +59,9 @@ dit reports (-> results/dit_eval.json and a plot beside it), each a list over ho
                                        frames through the VAE) against the true continuation
   baseline_psnr, baseline_ssim         copying the last prompt frame on the same windows (a world model must beat it)
   recon_psnr                           the VAE's reconstruction of the true frames: the ceiling the DiT works under
+  latent_copy_psnr                     copying the last prompt frame's latent: a DiT that moves nothing scores this
+                                       through the VAE (the copy baseline with the VAE's error)
+  baseline_exact                       as genie's: the share of windows whose frame equals the last prompt frame
   best_of_k_psnr                       with --samples K > 1: per clip and step the best PSNR of K continuations
                                        (other noise, same prompt), averaged over the clips: the usual measure for a
                                        stochastic predictor, which may pick any of the futures the prompt allows
@@ -95,6 +103,11 @@ def psnr(a, b):
     """Per-frame PSNR (dB) of frames in [-1, 1]: (..., C, H, W) -> (...)."""
     mse = ((a.float() - b.float()) / 2).pow(2).flatten(-3).mean(-1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def same_frame(a, b):
+    """1.0 where two frames (..., C, H, W) are identical, else 0.0: -> (...)."""
+    return (a == b).flatten(-3).all(-1).float()
 
 
 def ssim(a, b):
@@ -318,7 +331,8 @@ def evaluate_genie(args):
     names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
     train_codes, train_true = lam_codes(action_model, WindowDataset(store, args.horizon + 1, split="train"),
                                         rng, args.clips, args.batch_size, device)
-    tokenizer_psnr, codes, latent, true, val_codes, inferred_psnr, random_psnr, baseline_psnr = ([] for _ in range(8))
+    tokenizer_psnr, codes, latent, true, val_codes, inferred_psnr, random_psnr, baseline_psnr, token_copy_psnr, \
+        exact = ([] for _ in range(10))
     decoder_errors, decoder_generator = [], torch.Generator(device).manual_seed(args.seed + 1)
     lam_inferred_psnr, lam_random_psnr, lam_generator = [], [], torch.Generator(device).manual_seed(args.seed + 2)
     for i in range(0, len(picks), args.batch_size):
@@ -332,13 +346,16 @@ def evaluate_genie(args):
         decoder_errors.append(lam_decoder_errors(action_model, frames, actions, decoder_generator))
         target = frames[:, 1:]
         baseline_psnr.append(psnr(frames[:, :1].expand_as(target), target).cpu())
+        exact.append(same_frame(frames[:, :1], target).cpu())
         shuffled = torch.randint(0, num_actions, actions.shape, device=device, generator=lam_generator)
         for acts, out in ((actions, lam_inferred_psnr), (shuffled, lam_random_psnr)):
             out.append(psnr(lam_rollout(action_model, frames[:, 0], acts), target).cpu())
         if tokenizer is None:
             continue
-        tokens = tokenizer.encode(frames.flatten(0, 1))
-        tokenizer_psnr.append(psnr(tokenizer.decode(tokens), frames.flatten(0, 1)).cpu())
+        tokens = tokenizer.encode(frames.flatten(0, 1))  # (B * T, rows, cols)
+        decoded = tokenizer.decode(tokens)
+        tokenizer_psnr.append(psnr(decoded, frames.flatten(0, 1)).cpu())
+        token_copy_psnr.append(psnr(decoded.unflatten(0, frames.shape[:2])[:, :1].expand_as(target), target).cpu())
         codes.append(tokens.unique().cpu())
         if dynamics_model is None:
             continue
@@ -357,12 +374,14 @@ def evaluate_genie(args):
     if tokenizer is not None:
         results["tokenizer_psnr"] = float(torch.cat(tokenizer_psnr).mean())
         results["codebook_used"] = len(torch.cat(codes).unique()) / tokenizer.config.num_codes
+        results["token_copy_psnr"] = torch.cat(token_copy_psnr).mean(0).tolist()
     t4 = min(4, args.horizon) - 1
     lam_inferred, lam_shuffled, baseline = (torch.cat(x).mean(0) for x in (lam_inferred_psnr, lam_random_psnr,
                                                                             baseline_psnr))
     results.update(lam_rollout_psnr=lam_inferred.tolist(), lam_random_action_psnr=lam_shuffled.tolist(),
                    lam_delta_psnr_t4=float(lam_inferred[t4] - lam_shuffled[t4]),
-                   lam_delta_psnr_long=float(lam_inferred[-1] - lam_shuffled[-1]), baseline_psnr=baseline.tolist())
+                   lam_delta_psnr_long=float(lam_inferred[-1] - lam_shuffled[-1]), baseline_psnr=baseline.tolist(),
+                   baseline_exact=torch.cat(exact).mean(0).tolist())
     if dynamics_model is not None:
         inferred, shuffled = (torch.cat(x).mean(0) for x in (inferred_psnr, random_psnr))
         results.update(delta_psnr_t4=float(inferred[t4] - shuffled[t4]), delta_psnr_long=float(inferred[-1] - shuffled[-1]),
@@ -399,8 +418,13 @@ def evaluate_genie(args):
               f"{args.temperature:g}, guidance {args.cfg_scale:g})")
         rows += [("rollout PSNR", inferred), ("random actions PSNR", shuffled)]
     print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
-    for name, values in rows + [("copy-first baseline", baseline)]:
+    rows.append(("copy-first baseline", baseline))
+    if tokenizer is not None:
+        rows.append(("copy-first tokens", torch.tensor(results["token_copy_psnr"])))
+    for name, values in rows:
         print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in values.tolist()))
+    print(f"{'prompt frame again':<22}" + " ".join(f"{v:6.0%}" for v in results["baseline_exact"]) +
+          " of the clips (copying scores 100 dB there)")
     print(f"wrote {json_path}, {json_path.with_name(json_path.stem + '_confusion.png')} and {models / 'meaning.json'}")
     return results
 
@@ -560,7 +584,7 @@ def evaluate_dit(args):
     generator = torch.Generator(device).manual_seed(args.seed)
     scale = model.config.latent_scale
     sampler = dit.Sampler(model, args.steps, args.context_t, cfg_scale=args.cfg_scale)
-    keys = ["psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr"] + \
+    keys = ["psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr", "latent_copy_psnr", "baseline_exact"] + \
         ["best_of_k_psnr"] * (args.samples > 1) + ["random_action_psnr"] * conditioned
     sums = {k: torch.zeros(args.horizon) for k in keys}
     latent, true = [], []  # the LAM's actions of the clips' transitions, and the store's true ones when it has them
@@ -596,6 +620,7 @@ def evaluate_dit(args):
                 if store.has_actions:  # actions[:, k] was taken at frame k: the transition to frame k + 1
                     true.append(torch.stack([clip["actions"][:-1] for clip in clips]).flatten())
             recon = vae.decode((means[:, args.prompt_frames:] / scale).flatten(0, 1)).float().unflatten(0, truth.shape[:2])
+            latent_copy = vae.decode(means[:, args.prompt_frames - 1] / scale).float()[:, None].expand_as(truth)
         last = prompt[:, -1:].expand_as(truth)  # the baseline: nothing moves after the prompt
         sums["psnr"] += samples[0].sum(0)
         sums["ssim"] += ssim(first, truth).sum(0).cpu()
@@ -604,6 +629,8 @@ def evaluate_dit(args):
         sums["baseline_psnr"] += psnr(last, truth).sum(0).cpu()
         sums["baseline_ssim"] += ssim(last, truth).sum(0).cpu()
         sums["recon_psnr"] += psnr(recon, truth).sum(0).cpu()
+        sums["latent_copy_psnr"] += psnr(latent_copy, truth).sum(0).cpu()
+        sums["baseline_exact"] += same_frame(last, truth).sum(0).cpu()
     result = {k: [round(float(v), 4) for v in s / len(picks)] for k, s in sums.items()}
     result.update(clips=len(picks), samples=args.samples, horizon=args.horizon, prompt_frames=args.prompt_frames,
                   steps=args.steps, context_t=args.context_t, cfg_scale=args.cfg_scale, models=str(args.models),
@@ -629,7 +656,8 @@ def evaluate_dit(args):
     steps = range(1, args.horizon + 1)
     curves = {"DiT" + (", inferred actions" if conditioned else ""): (steps, result["psnr"]),
               "copy last prompt frame": (steps, result["baseline_psnr"]),
-              "VAE reconstruction": (steps, result["recon_psnr"])}
+              "VAE reconstruction": (steps, result["recon_psnr"]),
+              "copy last prompt latent": (steps, result["latent_copy_psnr"])}
     if conditioned:
         curves["DiT, random actions"] = (steps, result["random_action_psnr"])
     if args.samples > 1:
@@ -637,7 +665,8 @@ def evaluate_dit(args):
     draw_curves(plot, curves, "held-out continuation")
     print(f"{len(picks)} held-out clips, {args.prompt_frames} prompt frames, horizon {args.horizon}")
     columns = [("psnr", "psnr"), ("ssim", "ssim"), ("baseline_psnr", "copy psnr"), ("baseline_ssim", "copy ssim"),
-               ("recon_psnr", "vae psnr")] + [("random_action_psnr", "random actions")] * conditioned + \
+               ("recon_psnr", "vae psnr"), ("latent_copy_psnr", "copy latent"), ("baseline_exact", "same frame")] + \
+        [("random_action_psnr", "random actions")] * conditioned + \
         [("best_of_k_psnr", f"best of {args.samples}")] * (args.samples > 1)
     print("  step " + " ".join(f"{name:>{max(7, len(name))}}" for _, name in columns))
     for h in range(args.horizon):
@@ -714,11 +743,11 @@ def main():
     p.add_argument("--key", default="loss", help="logged value to draw (default loss; e.g. recon, ce, flow)")
     p.add_argument("--out", default="results/curves.png", help="PNG to write (default results/curves.png)")
     args = parser.parse_args()
+    if getattr(args, "cfg_scale", 0) < 0:  # genie and dit
+        raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
     if args.command == "plot":
         plot_logs(args)
     elif args.command == "genie":
-        if args.cfg_scale < 0:
-            raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
         seed_everything(args.seed)
         evaluate_genie(args)
     elif args.command == "vae":
@@ -727,8 +756,6 @@ def main():
         seed_everything(args.seed)
         evaluate_idm(args)
     elif args.command == "dit":
-        if args.cfg_scale < 0:
-            raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
         evaluate_dit(args)
 
 

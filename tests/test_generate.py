@@ -63,7 +63,8 @@ def test_evaluate_dit_reports_every_horizon_step_next_to_the_baseline(world, dif
                  timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "dit.json").read_text())
-    for key in ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr", "best_of_k_psnr"):
+    for key in ("psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr", "best_of_k_psnr", "latent_copy_psnr",
+                "baseline_exact"):
         assert len(figures[key]) == 3 and all(np.isfinite(figures[key])), key
     # the best of 3 continuations per clip includes the reported first one, and other noise gives other frames
     best, first = np.array(figures["best_of_k_psnr"]), np.array(figures["psnr"])
@@ -71,6 +72,8 @@ def test_evaluate_dit_reports_every_horizon_step_next_to_the_baseline(world, dif
     assert figures["clips"] == 3 and (tmp_path / "dit.png").stat().st_size > 0
     # copying the true last prompt frame is near-perfect one step ahead in CoinRun; a tiny untrained world is not
     assert figures["baseline_psnr"][0] > figures["psnr"][0]
+    # the copied latent carries the VAE's error: below the pixel copy
+    assert figures["latent_copy_psnr"][0] < figures["baseline_psnr"][0]
 
 
 def test_generate_user_errors(world, tmp_path):

@@ -119,10 +119,13 @@ def test_evaluate_genie_writes_the_figures(genie, tmp_path):
                 "delta_psnr_t4", "delta_psnr_long", "rollout_psnr", "baseline_psnr", "nmi_effect", "effect_accuracy",
                 "horizontal_accuracy", "probe_accuracy", "effect_accuracy_chance", "effect_majority",
                 "lam_decoder_gain_db", "lam_decoder_vs_copy_db", "lam_rollout_psnr", "lam_random_action_psnr",
-                "lam_delta_psnr_t4", "lam_delta_psnr_long"):
+                "lam_delta_psnr_t4", "lam_delta_psnr_long", "token_copy_psnr", "baseline_exact"):
         assert key in figures
     assert np.isfinite([figures["lam_decoder_gain_db"], figures["lam_decoder_vs_copy_db"]]).all()
     assert len(figures["rollout_psnr"]) == len(figures["baseline_psnr"]) == len(figures["lam_rollout_psnr"]) == 5
+    # the prompt's tokens copied carry the tokenizer's error on top of the pixel copy's
+    assert len(figures["token_copy_psnr"]) == 5 and figures["token_copy_psnr"][0] < figures["baseline_psnr"][0]
+    assert len(figures["baseline_exact"]) == 5 and all(0 <= share <= 1 for share in figures["baseline_exact"])
     assert figures["lam_delta_psnr_t4"] == figures["lam_rollout_psnr"][3] - figures["lam_random_action_psnr"][3]
     assert abs(sum(figures["lam_usage"]) - 1) < 1e-6 and 0 <= figures["nmi"] <= 1 and 0 <= figures["nmi_effect"] <= 1
     assert figures["effects"] == ["left", "left + jump", "none", "jump", "right", "right + jump"]
