@@ -58,8 +58,8 @@ def end_torchrun_process():
     A gloo worker thread frees a finished collective's work a moment after the caller has seen it done; a work can
     still hold tensors whose Python objects are gone, and freeing those takes the GIL. If that moment falls in the
     interpreter's shutdown, the thread cannot have the GIL and the process aborts (SIGABRT, "terminate called without
-    an active exception"; a core dump showed it in the final garbage collection, in about 1 of 40-300 two-process CPU
-    launches on a busy machine). Here every file is written and all processes meet at a barrier first, so the
+    an active exception"; a core dump showed it during the final garbage collection; 2 of 379 two-process CPU launches
+    on a busy machine). Here every file is written and all processes meet at a barrier first, so the
     shutdown has nothing left to do.
     """
     dist.barrier()
