@@ -374,7 +374,8 @@ def evaluate_genie(args):
     if tokenizer is not None:
         results["tokenizer_psnr"] = float(torch.cat(tokenizer_psnr).mean())
         results["codebook_used"] = len(torch.cat(codes).unique()) / tokenizer.config.num_codes
-        results["token_copy_psnr"] = torch.cat(token_copy_psnr).mean(0).tolist()
+        token_copy = torch.cat(token_copy_psnr).mean(0)
+        results["token_copy_psnr"] = token_copy.tolist()
     t4 = min(4, args.horizon) - 1
     lam_inferred, lam_shuffled, baseline = (torch.cat(x).mean(0) for x in (lam_inferred_psnr, lam_random_psnr,
                                                                             baseline_psnr))
@@ -420,7 +421,7 @@ def evaluate_genie(args):
     print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
     rows.append(("copy-first baseline", baseline))
     if tokenizer is not None:
-        rows.append(("copy-first tokens", torch.tensor(results["token_copy_psnr"])))
+        rows.append(("copy-first tokens", token_copy))
     for name, values in rows:
         print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in values.tolist()))
     print(f"{'prompt frame again':<22}" + " ".join(f"{v:6.0%}" for v in results["baseline_exact"]) +
