@@ -10,7 +10,7 @@
   python bench.py footage results/atari_720p60.mp4                          # 120 s of Atari play, 1280x720, 60 fps
   python bench.py prepare results/atari_720p60.mp4                          # prepare against ffmpeg's own fps+scale
 
-train: one training step as train_loop runs it (training.train_step: bf16 autocast on CUDA, fp32 on CPU; loss,
+train: one training step as train_loop runs it (step.train_step: bf16 autocast on CUDA, fp32 on CPU; loss,
 backward, gradient clipping, the finite check, fused AdamW) on random inputs of the model's training shape. Reports
 the step time, samples/s, tokens/s and the model FLOPs utilisation: mfu = FLOPs per step / step time / peak FLOP/s.
 The FLOPs per step are those of the forward and backward pass, counted by torch.utils.flop_counter on the real model
@@ -83,8 +83,8 @@ import vae2
 from dataset import LatentStore, WindowDataset, ffmpeg_exe, open_store, prepare, probe
 from generate import compile_world, decode_frame
 from play import EULER_STEPS, DiffusionWorld, GenieWorld
-from training import DEFAULT_WORKERS, add_compile_flag, batches, checkpoint_blocks, compile_blocks, make_optimizer, \
-    train_step, use_compile
+from step import checkpoint_blocks, make_optimizer, train_step
+from training import DEFAULT_WORKERS, add_compile_flag, batches, compile_blocks, use_compile
 from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, parse_size, positive, \
     run_cli
 

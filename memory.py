@@ -3,7 +3,7 @@
   estimate(build, loss_fn, micro_batch, ...)   -> the peak of one optimisation step, with a breakdown
   plan(build, loss_fn, batch, budget, ...)     -> the micro-batch and activation checkpointing that fit `budget`
 
-The estimate runs the real training step (training.train_step: forward, backward, clipping, AdamW, EMA) on fake
+The estimate runs the real training step (step.train_step: forward, backward, clipping, AdamW, EMA) on fake
 tensors (torch's FakeTensorMode: shapes, dtypes and strides, no data, no compute), under bf16 autocast as on CUDA, and
 counts the bytes of every storage alive after each operation; the peak of that count over two steps (the second has
 the optimiser's moments) is the estimate. The fake tensors live on the CPU, so the attention is CPU's flash kernel,
@@ -22,6 +22,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from step import checkpoint_blocks, make_optimizer, train_step
 
 GB = 1e9
 BUDGET_FRACTION = 0.95  # of the card's memory that a plan may fill
@@ -67,8 +69,6 @@ def estimate(build, loss_fn, micro_batch, micro_batches=1, checkpoint=False, ema
     dtype: of the autocast (float32: none, as a CPU trains, to check the estimate against a measured CPU step).
     -> dict of bytes: peak, weights, gradients, optimizer (AdamW moments), ema, activations (the rest of the peak:
     what backward keeps and the temporaries of the step at its peak)."""
-    from training import checkpoint_blocks, make_optimizer, train_step  # training imports this module
-
     def precision():  # bf16 on the CPU too: the estimate is of a CUDA step
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 

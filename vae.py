@@ -10,11 +10,14 @@ gradient and stays where it is. Each token then carries few bits and the dynamic
 Three measures, after ViT-VQGAN (Yu et al. 2021) and jafar:
   - small codes compared by cosine similarity: encoder outputs and codes are l2-normalised to the unit sphere of a
     32-dim space, so no code is out of reach by its norm and the sphere is small enough for the codes to tile it;
-  - dead-code restart: a code unused for `dead_after` training steps is moved onto a random encoder output of the
-    current batch, where it is chosen at once;
+  - dead-code restart: a code unused for `dead_after` optimisation steps is moved onto a random encoder output of the
+    step's batch, where it is chosen at once;
   - usage and perplexity are measured on every batch, so a collapse shows in the training log as it happens.
-Under torch.distributed the usage counts are summed over ranks and the restart points come from rank 0, so every
-rank keeps the same codebook; every rank must then call a training-mode forward the same number of times.
+Steps, not forward passes, are counted: training-mode forwards add up the codes they use and keep candidate restart
+points, and `end_step`, which step.train_step calls once per optimisation step, ages the idle codes and restarts the
+dead ones. A step cut into micro-batches (the memory planner's, on GPUs) so counts as the one step it is. Under
+torch.distributed the usage counts are summed over ranks and the restart points come from rank 0 in end_step, so every
+rank keeps the same codebook with one pair of collectives per step.
 Nothing here waits for the GPU (no .item(), no data-dependent shapes), so a training step runs without a host sync.
 """
 from dataclasses import dataclass, field
@@ -58,8 +61,11 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.commitment, self.dead_after = commitment, dead_after
         self.codebook = nn.Parameter(torch.randn(num_codes, dim))
-        # Training steps since each code was last chosen. Not saved: a loaded model starts counting afresh.
+        # Optimisation steps since each code was last chosen. Not saved: a loaded model starts counting afresh.
         self.register_buffer("idle", torch.zeros(num_codes, dtype=torch.long), persistent=False)
+        # This step's uses of each code (n,) and a restart point for each (n, d), set by its training-mode forwards.
+        # Plain attributes, not buffers: DDP would overwrite them with rank 0's at every forward.
+        self.step_counts = self.restart_points = None
 
     def codes(self):
         return F.normalize(self.codebook, dim=-1)  # (n, d)
@@ -75,8 +81,6 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z):  # z (..., d)
         z = F.normalize(z, dim=-1)
-        if self.training:
-            self.restart_dead(rearrange(z.detach(), "... d -> (...) d"))
         indices = self.nearest(z)  # (...)
         codes = self.lookup(indices)  # (..., d)
         # Codebook term moves the codes, commitment term keeps the encoder near them; both on the unit sphere.
@@ -85,23 +89,29 @@ class VectorQuantizer(nn.Module):
 
         counts = code_counts(indices, len(self.idle)).float()  # (n,)
         if self.training:
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(counts)
-            self.idle += 1
-            self.idle.masked_fill_(counts > 0, 0)
+            flat = rearrange(z.detach(), "... d -> (...) d")
+            self.restart_points = flat[torch.randint(len(flat), (len(self.idle),), device=flat.device)].float()
+            self.step_counts = counts if self.step_counts is None else self.step_counts + counts
         probs = counts / counts.sum()
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
         stats = {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
         return quantized, indices, loss, stats
 
     @torch.no_grad()
-    def restart_dead(self, z):  # z (N, d) normalised encoder outputs of this batch
-        # A candidate point for every code and a masked copy: the same work whether 0 or 100 codes are dead, so the
-        # host never has to ask the GPU how many are.
-        dead = self.idle >= self.dead_after  # (n,)
-        points = z[torch.randint(len(z), (len(dead),), device=z.device)]  # (n, d)
+    def end_step(self):
+        """An optimisation step ended (step.train_step): codes unused in all of its forwards age by one, and those idle
+        for dead_after steps move onto this step's restart points. A masked copy for every code: the same work whether
+        0 or 100 codes are dead, so the host never has to ask the GPU how many are."""
+        if not self.training or self.step_counts is None:
+            return
+        counts, points = self.step_counts, self.restart_points
+        self.step_counts = self.restart_points = None
         if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
             dist.broadcast(points, src=0)
+        self.idle += 1
+        self.idle.masked_fill_(counts > 0, 0)
+        dead = self.idle >= self.dead_after  # (n,)
         self.codebook.copy_(torch.where(dead[:, None], points.to(self.codebook.dtype), self.codebook))
         self.idle.masked_fill_(dead, 0)
 

@@ -12,7 +12,8 @@ import dynamics
 import vae
 from generate import compile_world
 from play import GenieWorld, warm_up
-from training import compile_blocks, make_optimizer, train_step
+from step import make_optimizer, train_step
+from training import compile_blocks
 from vae2 import PRESETS as VAE2_PRESETS, ViTVAE
 
 

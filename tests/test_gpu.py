@@ -31,7 +31,7 @@ import vae
 from conftest import ROOT, run
 from generate import compile_world
 from play import GenieWorld, warm_up
-from training import checkpoint_blocks, make_optimizer, train_step
+from step import checkpoint_blocks, make_optimizer, train_step
 from vae2 import PRESETS as VAE2_PRESETS, ViTVAE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check on one)")

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from dataset import FrameStore
 from lam import PRESETS, LAMConfig, LatentActionModel
+from step import end_step
 from utils import load_model, save_model
 
 
@@ -46,6 +47,7 @@ def train(config, frames, steps, seed, batch=8, t=5, lr=1e-3):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        end_step(model)  # the VQ's dead-code restart, as train_step runs it
     return model.eval()
 
 

@@ -9,7 +9,7 @@ import torch
 
 import bench
 import memory
-import training
+import step
 from conftest import assert_user_error, run
 
 
@@ -24,12 +24,12 @@ def measured_peak(name, batch_size, checkpoint):
     model, batch = build(name)(batch_size)
     ema = copy.deepcopy(model).requires_grad_(False)
     if checkpoint:
-        training.checkpoint_blocks(model)
-    optimizer = training.make_optimizer(model, 1e-4, fused=True)
+        step.checkpoint_blocks(model)
+    optimizer = step.make_optimizer(model, 1e-4, fused=True)
     before = sum(t.untyped_storage().nbytes() for t in [*model.parameters(), *ema.parameters(), *batch.values()])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        for step in (1, 2):
-            training.train_step(model, model, optimizer, bench.forward, batch, step, torch.device("cpu"), ema, 0.999)
+        for number in (1, 2):
+            step.train_step(model, model, optimizer, bench.forward, batch, number, torch.device("cpu"), ema, 0.999)
     now = peak = 0
     for event in sorted(profile.events(), key=lambda e: e.time_range.start):
         now += event.self_cpu_memory_usage
@@ -67,9 +67,9 @@ def test_micro_batches_give_the_update_of_the_whole_batch():
     results = []
     for micro_batches in (1, 4):
         copy_ = copy.deepcopy(model)
-        optimizer = training.make_optimizer(copy_, 1e-3)
-        loss, grad_norm, _, _ = training.train_step(copy_, copy_, optimizer, bench.forward, batch, 1, torch.device("cpu"),
-                                                    micro_batches=micro_batches)
+        optimizer = step.make_optimizer(copy_, 1e-3)
+        loss, grad_norm, _, _ = step.train_step(copy_, copy_, optimizer, bench.forward, batch, 1, torch.device("cpu"),
+                                                micro_batches=micro_batches)
         results.append((loss, grad_norm, [p.grad.clone() for p in copy_.parameters() if p.grad is not None]))
     (loss1, norm1, grads1), (loss4, norm4, grads4) = results
     assert torch.allclose(loss1, loss4, rtol=1e-5) and torch.allclose(norm1, norm4, rtol=1e-4)
@@ -86,7 +86,7 @@ def test_activation_checkpointing_changes_no_gradient():
     for checkpoint in (False, True):
         copy_ = copy.deepcopy(model)
         if checkpoint:
-            training.checkpoint_blocks(copy_)
+            step.checkpoint_blocks(copy_)
         torch.manual_seed(0)  # the DiT draws flow times and noise; the recompute replays the same random state
         loss, _ = bench.forward(copy_, batch, 0)
         loss.backward()

@@ -1,6 +1,6 @@
 """A training step never makes the host wait for the device. Under FakeTensorMode tensors have shapes and no values,
 so every operation that would need a value on the host (.item(), .tolist(), `if tensor:`, a boolean mask, bincount,
-nonzero: on a GPU each one waits for all queued work) raises. training.train_step, the step train_loop runs, must go
+nonzero: on a GPU each one waits for all queued work) raises. step.train_step, the step train_loop runs, must go
 through for every model with the options the training scripts use."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ import bench
 import dit
 import lam
 import vae
-from training import make_optimizer, train_step, update_ema
+from step import make_optimizer, train_step, update_ema
 
 CPU = torch.device("cpu")
 

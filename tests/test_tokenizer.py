@@ -10,7 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import bench
 from dataset import FrameStore
+from step import end_step, make_optimizer, train_step
 from utils import load_model, save_model
 from vae import PRESETS, Tokenizer, VectorQuantizer
 
@@ -74,7 +76,8 @@ def test_dead_codes_restart_onto_encoder_outputs_in_training_only():
     unused = torch.ones(32, dtype=torch.bool)
     unused[indices.unique()] = False
     assert unused.sum() >= 29
-    vq(z)
+    assert torch.equal(vq.codebook, before), "a forward only counts; the step's end restarts"
+    vq.end_step()
     moved = vq.codes()[unused]  # (k, d)
     assert not torch.allclose(vq.codebook[unused], before[unused])
     # each restarted code now sits on one of the input directions
@@ -89,6 +92,7 @@ def _restart_on_rank(rank, port, results):
     torch.manual_seed(1 + rank)  # each rank sees different data
     for _ in range(3):
         vq(torch.randn(6, 4))
+        vq.end_step()
     results[rank] = vq.codebook.detach().clone()
     dist.destroy_process_group()
 
@@ -105,6 +109,26 @@ def test_restart_keeps_the_codebook_identical_across_ranks():
     assert torch.equal(results[0], results[1])
 
 
+def test_codes_age_by_optimisation_steps_whatever_the_micro_batches(coinrun):
+    # a code is declared dead after dead_after steps, not forwards: the planner's micro-batches on a GPU must not
+    # change the recipe verified on the CPU
+    torch.manual_seed(0)
+    model = Tokenizer(PRESETS["tiny"])
+    batch = {"frames": frames_of(coinrun, 8)}
+    idle = {}
+    for micro_batches in (1, 4):
+        copy_ = Tokenizer(model.config)
+        copy_.load_state_dict(model.state_dict())
+        copy_.train()
+        optimizer = make_optimizer(copy_, 1e-3)
+        for k in range(3):
+            train_step(copy_, copy_, optimizer, bench.forward, batch, k + 1, torch.device("cpu"),
+                       micro_batches=micro_batches)
+        idle[micro_batches] = copy_.vq.idle.clone()
+    assert idle[1].max() == 3 and idle[1].min() == 0  # some codes unused in all 3 steps, some used in the last
+    assert torch.equal(idle[1], idle[4]), (idle[1], idle[4])
+
+
 def test_tiny_tokenizer_overfits_real_frames_with_a_live_codebook(coinrun):
     torch.manual_seed(0)
     x = frames_of(coinrun, 16)
@@ -118,6 +142,7 @@ def test_tiny_tokenizer_overfits_real_frames_with_a_live_codebook(coinrun):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        end_step(model)
     model.eval()
     after = F.mse_loss(model.decode(model.encode(x)), x).item()
     spread = ((x - x.mean(0)) ** 2).mean().item()  # error of the best single image for all 16 frames
