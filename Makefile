@@ -59,20 +59,21 @@ demo: $(VENV)/installed videos/coinrun/meta.json videos/coinrun_wide/meta.json
 		--use_dataset_frame --output_dir results/diffusion_world_play
 	$(PY) bench.py generate --preset tiny --json results/bench_generate_tiny.json
 
-# On a rented CUDA GPU, first: the CUDA tests (memory of every default preset against its estimate, compiled = eager,
-# CUDA graphs never re-recorded, kill-and-resume) and bench.py at the default presets; every figure goes to
-# results/gpu_check.json. About 8 minutes on one H100.
+# On a rented CUDA GPU, first. It stops at once, in one line, when torch sees no GPU (bench.py cuda); otherwise it runs
+# the CUDA tests (memory of every default preset against its estimate, compiled = eager, guided generation compiled,
+# CUDA graphs never re-recorded, kill-and-resume) and bench.py at the default presets, all on cuda, going on past a
+# failure so that every figure is written; results/gpu_check.json holds the figures and the failures, and the target
+# fails when something did. About 10 minutes on one H100.
 GPU_FIGURES := results/gpu_check
 gpu-check: $(VENV)/installed
+	@$(PY) bench.py cuda
 	rm -rf $(GPU_FIGURES) && mkdir -p $(GPU_FIGURES)
-	GAMEWORLD_GPU_FIGURES=$(GPU_FIGURES) $(PY) -m pytest -q -rs tests/test_gpu.py
-	for m in dit vae2 tokenizer lam dynamics; do \
-		$(PY) bench.py train --model $$m --preset default --runs 2 --json $(GPU_FIGURES)/train_$$m.json || exit 1; done
-	$(PY) bench.py generate --preset default --json $(GPU_FIGURES)/generate.json
-	$(PY) bench.py generate --preset default --compile --json $(GPU_FIGURES)/generate_compiled.json
-	$(PY) bench.py play --preset default --steps 200 --json $(GPU_FIGURES)/play.json
-	$(PY) bench.py play --preset default --steps 200 --compile --json $(GPU_FIGURES)/play_compiled.json
-	$(PY) -c 'import json, pathlib; figures = {p.stem: json.loads(p.read_text()) for p in \
-		sorted(pathlib.Path("$(GPU_FIGURES)").glob("*.json"))}; \
-		pathlib.Path("results/gpu_check.json").write_text(json.dumps(figures, indent=1))'
-	@echo "wrote results/gpu_check.json"
+	-GAMEWORLD_GPU_FIGURES=$(GPU_FIGURES) $(PY) -m pytest -q -rs tests/test_gpu.py --junitxml=$(GPU_FIGURES)/tests.xml
+	-$(PY) bench.py cuda --json $(GPU_FIGURES)/cuda.json
+	-for m in dit vae2 tokenizer lam dynamics; do \
+		$(PY) bench.py train --device cuda --model $$m --preset default --runs 2 --json $(GPU_FIGURES)/train_$$m.json; done
+	-$(PY) bench.py generate --device cuda --preset default --json $(GPU_FIGURES)/generate.json
+	-$(PY) bench.py generate --device cuda --preset default --compile --json $(GPU_FIGURES)/generate_compiled.json
+	-$(PY) bench.py play --device cuda --preset default --steps 200 --json $(GPU_FIGURES)/play.json
+	-$(PY) bench.py play --device cuda --preset default --steps 200 --compile --json $(GPU_FIGURES)/play_compiled.json
+	$(PY) bench.py gather $(GPU_FIGURES) --json results/gpu_check.json

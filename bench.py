@@ -1,5 +1,6 @@
 """Speed measurements: a table on stdout and the figures as JSON. Timed tests do not exist; speed lives here.
 
+  python bench.py cuda                                                      # does torch see the GPU? (make gpu-check)
   python bench.py train --model dit --preset tiny                          # CPU, seconds
   python bench.py train --model dit --preset default --device cuda --json results/bench_train_dit_h100.json
   python bench.py generate --preset tiny                                    # CPU, seconds
@@ -47,6 +48,12 @@ peak RSS of the prepare command (its largest process); and the time 4.5 h of suc
 footage: a video to measure prepare on without downloading one: an Atari game at 60 Hz with held random actions,
 scaled up and pillarboxed to --size, H.264 with an AAC track.
 
+gather: make gpu-check's last step: the figures of its tests and benchmarks (FOLDER/*.json) in one JSON file, with
+the tests that failed or were skipped (FOLDER/tests.xml, pytest's report) and the benchmarks that wrote no figures;
+exit code 1 when there is any.
+cuda: the GPU torch sees, its memory, the NVIDIA driver and the CUDA version torch was built for; when torch sees no
+GPU, one line that says why it may not (a wheel built for a newer CUDA than the driver's) and exit code 2.
+
 --profile prints torch.profiler's table of one more step or frame: what limits the figure.
 --compile: train compiles the model's blocks as train_loop does (the default on CUDA, --no-compile to time eager);
 generate and play compile the per-step calls as generate.py and play.py do with --compile (CUDA graphs on CUDA).
@@ -64,6 +71,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from xml.etree import ElementTree
 
 import cv2
 import numpy as np
@@ -85,8 +93,8 @@ from generate import compile_world, decode_frame
 from play import EULER_STEPS, DiffusionWorld, GenieWorld
 from step import checkpoint_blocks, make_optimizer, train_step
 from training import DEFAULT_WORKERS, add_compile_flag, batches, compile_blocks, use_compile
-from utils import UserError, add_step_compile_flag, atomic_write_text, autocast, get_device, parse_size, positive, \
-    run_cli
+from utils import TrainingFailed, UserError, add_step_compile_flag, atomic_write_text, autocast, first_line, \
+    get_device, nvidia_driver, parse_size, positive, run_cli
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -238,9 +246,10 @@ def bench_train(args, device):
     if batch_size % micro_batch:
         raise UserError(f"--micro_batch {micro_batch} must divide the batch of {batch_size}")
     if device.type == "cuda" and not args.micro_batch:  # as train_loop plans it
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         found = memory.plan(lambda m: training_inputs(args.model, args.preset, m, None)[:2], forward, batch_size,
-                            min(memory.BUDGET_FRACTION * total, free), checkpoint=checkpoint or None, device="cuda")
+                            memory.budget(total, free), checkpoint=checkpoint or None, device="cuda")
         micro_batch, checkpoint = found["micro_batch"], found["checkpoint_blocks"]
     model, batch, tokens = training_inputs(args.model, args.preset, batch_size, device)
     model = model.to(device).train()
@@ -307,7 +316,7 @@ def bench_memory(args, device):
     if args.micro_batch and batch_size % args.micro_batch:
         raise UserError(f"--micro_batch {args.micro_batch} must divide --batch_size {batch_size}")
 
-    budget = memory.BUDGET_FRACTION * args.gpu_memory * memory.GB
+    budget = memory.budget(args.gpu_memory * memory.GB)
     found = memory.plan(lambda m: training_inputs(args.model, args.preset, m, "cpu")[:2], forward, batch_size, budget,
                         args.micro_batch, args.checkpoint_blocks, ema=args.model == "dit")
     parts = {k: v / memory.GB for k, v in found["estimate"].items()}
@@ -507,9 +516,48 @@ def bench_prepare(args, device):
     return result
 
 
+def bench_cuda(args, device):
+    """The GPU as torch sees it (get_device has refused a machine where it sees none)."""
+    properties = torch.cuda.get_device_properties(device)
+    result = {"gpu": properties.name, "memory_gb": properties.total_memory / 1e9, "gpus": torch.cuda.device_count(),
+              "capability": f"{properties.major}.{properties.minor}", "torch": torch.__version__,
+              "torch_cuda": torch.version.cuda, "driver": nvidia_driver(), "bf16": torch.cuda.is_bf16_supported()}
+    print(f"{result['gpu']} ({result['memory_gb']:.0f} GB, compute capability {result['capability']}, "
+          f"{result['gpus']} visible); torch {result['torch']} built for CUDA {result['torch_cuda']}; {result['driver']}")
+    return result
+
+
+GPU_CHECK_BENCHMARKS = ["cuda", *(f"train_{m}" for m in MODELS), "generate", "generate_compiled", "play",
+                        "play_compiled"]  # the figures make gpu-check's benchmarks write
+
+
+def bench_gather(args, device):
+    folder = Path(args.folder)
+    figures = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    failures = [f"bench.py: no {name}.json" for name in GPU_CHECK_BENCHMARKS if name not in figures]
+    report = folder / "tests.xml"
+    if not report.is_file():
+        failures.append("tests/test_gpu.py: no report (pytest did not run)")
+    else:
+        for case in ElementTree.parse(report).iter("testcase"):
+            for outcome in ("failure", "error", "skipped"):
+                for found in case.findall(outcome):
+                    failures.append(f"{case.get('name')}: {outcome}: {first_line(found.get('message') or '')[:300]}")
+    atomic_write_text(args.json, json.dumps({**figures, "failures": failures}, indent=1))
+    print(f"wrote {args.json}: {len(figures)} sets of figures, {len(failures)} failures"
+          + "".join(f"\n  {f}" for f in failures))
+    args.json = None  # written here, with the failures
+    if failures:
+        raise TrainingFailed(f"make gpu-check: {len(failures)} of its checks failed or did not run (listed above)")
+    return figures
+
+
 def main():
     parser = argparse.ArgumentParser(description="Benchmark the models: prints a table, writes JSON with --json.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("cuda", help="the GPU torch sees, its driver and torch's CUDA version; exit code 2 when it sees none")
+    p = sub.add_parser("gather", help="make gpu-check's figures and failures in one JSON file (--json)")
+    p.add_argument("folder", help="the folder of figures (results/gpu_check)")
     p = sub.add_parser("train", help="training step time, samples/s, tokens/s and MFU of one model")
     p.add_argument("--model", default="dit", choices=MODELS, help="which model (default dit)")
     p.add_argument("--preset", default="tiny", help="model size: tiny or default (small too for the DiT)")
@@ -581,9 +629,13 @@ def main():
                        help="also print torch.profiler's table of the slowest operations of one step or frame")
         p.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    device = get_device(args.device)
+    if args.command == "gather":
+        if not args.json:
+            raise UserError("gather: --json FILE is where the figures go")
+        return bench_gather(args, None)
+    device = get_device("cuda" if args.command == "cuda" else args.device)
     torch.manual_seed(0)
-    result = {"train": bench_train, "play": bench_play, "generate": bench_generate, "memory": bench_memory,
+    result = {"cuda": bench_cuda, "train": bench_train, "play": bench_play, "generate": bench_generate, "memory": bench_memory,
               "data": bench_data, "prepare": bench_prepare, "footage": bench_footage}[args.command](args, device)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))

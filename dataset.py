@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import UserError, atomic_dir, atomic_path, first_line, from_uint8, get_device, load_model, parse_size, positive, run_cli, write_gif, \
+from utils import UserError, atomic_dir, atomic_path, autocast, first_line, from_uint8, get_device, load_model, parse_size, positive, run_cli, write_gif, \
     write_mp4
 from vae2 import ViTVAE
 
@@ -506,13 +506,15 @@ def encode(store, vae_folder, out, device, batch_size=64):
     c = vae.config
     require_size(store, c.width, c.height)
     shape = (store.count, c.tokens, c.latent_dim)
+    print(f"encoding the {store.count} frames of {store.path} with {vae_folder} into {out}")
     total, total_sq = 0.0, 0.0  # float64 sums of mu and mu^2, for the store's std
     with atomic_dir(out) as tmp:
         mu_file = np.memmap(tmp / MU, np.float16, "w+", shape=shape)
         logvar_file = np.memmap(tmp / LOGVAR, np.float16, "w+", shape=shape)
         for start in tqdm(range(0, store.count, batch_size), unit="batch", desc=f"encode {store.path.name}"):
             frames = from_uint8(store.window(start, batch_size)["frames"].to(device))  # (B, 3, H, W)
-            mu, logvar = vae.encode(frames)  # (B, N, L) each
+            with autocast(device):  # bf16 on CUDA, as generate.py encodes its prompts
+                mu, logvar = (t.float() for t in vae.encode(frames))  # (B, N, L) each
             mu_file[start:start + len(mu)] = mu.cpu().numpy().astype(np.float16)
             logvar_file[start:start + len(mu)] = logvar.cpu().numpy().astype(np.float16)
             total += mu.double().sum().item()
@@ -588,7 +590,8 @@ def open_latent_actions(latents, lam_folder, device, clip_len, batch_size=64):
     if not path.is_file():
         def clip(start, length):  # posterior means, scaled as the LAM was trained on them
             return torch.from_numpy(np.array(latents.mu[start:start + length], np.float32)).to(device) * latents.scale
-        actions = label_transitions(latents, action_model.infer_actions, clip_len, clip, batch_size)
+        with autocast(device):
+            actions = label_transitions(latents, action_model.infer_actions, clip_len, clip, batch_size)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, actions)
     latents.latent_actions = path

@@ -205,12 +205,15 @@ class Sampler:
     Euler step recomputes the whole window (the reference the cache is tested against).
 
     A model that takes actions is given, for every frame, the latent action that led to it (num_actions: none).
-    With cfg_scale s != 1 and an action, each Euler step runs the new frame twice, with its action and with none, on
-    the same cache: v = v_none + s * (v_action - v_none), classifier-free guidance.
+    With cfg_scale s != 1, classifier-free guidance: every call of the network runs two copies of the batch in one
+    pass, the same context in both, the new frame led to by its action in the first and by "no action" in the
+    second, and v = v_none + s * (v_action - v_none). One pass, not two: a compiled step (a CUDA graph) may overwrite
+    its previous call's outputs, so the first branch's velocity must not be read after a second call.
     """
 
     def __init__(self, model, steps=10, context_t=0.95, cached=True, cfg_scale=1.0):
         self.model, self.steps, self.context_t, self.cached, self.cfg_scale = model, steps, context_t, cached, cfg_scale
+        self.copies = 2 if cfg_scale != 1 and model.config.num_actions > 0 else 1  # guided: with and without action
         self.window = model.config.seq_len - 1
         self.cache = self.past = self.past_actions = self.last = self.last_action = self.generator = None
         self.previous = None  # the last clean frame (B, 1, N, C): a residual model's x_prev for the next one
@@ -222,6 +225,9 @@ class Sampler:
     def times(self, value, frames):  # (B, frames) filled with the flow time `value`
         return torch.full((self.past.shape[0], frames), value, device=self.past.device)
 
+    def both(self, x):  # (B, ...) -> (copies * B, ...): the same tensor for each copy of the batch
+        return x if self.copies == 1 else torch.cat([x] * self.copies)
+
     def join(self, frames, actions):
         """Clean frames (B, F, N, C), led to by actions (B, F), join the context at context_t (and the cache, one
         frame at a time)."""
@@ -232,8 +238,9 @@ class Sampler:
         for i in range(noised.shape[1] if self.cached else 0):
             # a copy with a step's strides, whatever the number of frames (a slice's stride along B is F times a
             # step's, and .contiguous() keeps it at B = 1), so one compiled step serves both without recompiling
-            frame = noised[:, i:i + 1].clone(memory_format=torch.contiguous_format)
-            self.model.velocity(frame, self.times(self.context_t, 1), self.cache, actions[:, i:i + 1].contiguous())
+            frame = self.both(noised[:, i:i + 1]).clone(memory_format=torch.contiguous_format)
+            self.model.velocity(frame, self.both(self.times(self.context_t, 1)), self.cache,
+                                self.both(actions[:, i:i + 1]).contiguous())
             self.cache.commit()
 
     def no_action(self, frames):  # (B, frames): "no action" (also for a model that takes none: it ignores them)
@@ -248,19 +255,29 @@ class Sampler:
         if actions is None:
             actions = torch.full(context.shape[:2], self.model.config.num_actions, device=context.device)
         if self.cached:
-            self.cache = self.model.transformer.new_cache(len(context), self.window, context.device, reuse=self.cache)
+            self.cache = self.model.transformer.new_cache(self.copies * len(context), self.window, context.device,
+                                                          reuse=self.cache)
         self.join(context, actions[:, -context.shape[1]:])
         self.previous = context[:, -1:].clone(memory_format=torch.contiguous_format)  # a frame's strides (join)
         return self
 
     def velocity(self, x, t, action):
-        """The new frame's velocity (B, 1, N, C) at flow time t, led to by action (B, 1)."""
+        """The new frame's velocity (B, 1, N, C) at flow time t, led to by action (B, 1), guided when cfg_scale != 1."""
+        if self.copies == 2:
+            action = torch.cat([action, self.no_action(1)])
         if self.cached:
-            return self.model.velocity(x, self.times(t, 1), self.cache, action, self.previous)
-        t = torch.cat([self.times(self.context_t, self.past.shape[1]), self.times(t, 1)], dim=1)
-        previous = torch.cat([torch.zeros_like(self.past), self.previous], dim=1)  # only the new frame's is used
-        actions = torch.cat([self.past_actions, action], dim=1)
-        return self.model.velocity(torch.cat([self.past, x], dim=1), t, actions=actions, previous=previous)[:, -1:]
+            v = self.model.velocity(self.both(x), self.both(self.times(t, 1)), self.cache, action,
+                                    self.both(self.previous))
+        else:
+            t = torch.cat([self.times(self.context_t, self.past.shape[1]), self.times(t, 1)], dim=1)
+            previous = torch.cat([torch.zeros_like(self.past), self.previous], dim=1)  # only the new frame's is used
+            actions = torch.cat([self.both(self.past_actions), action], dim=1)
+            v = self.model.velocity(self.both(torch.cat([self.past, x], dim=1)), self.both(t), actions=actions,
+                                    previous=self.both(previous))[:, -1:]
+        if self.copies == 2:
+            v_action, v_none = v.chunk(2)
+            v = v_none + self.cfg_scale * (v_action - v_none)
+        return v
 
     @torch.no_grad()
     def next_frame(self, action=None):
@@ -269,14 +286,9 @@ class Sampler:
             self.join(self.last, self.last_action)
         x = self.noise(self.past[:, :1])  # (B, 1, N, C) at t = 0
         none = self.no_action(1)
-        guided = action is not None and self.cfg_scale != 1 and self.model.config.num_actions > 0
         action = none if action is None else action.reshape(-1, 1).to(none)
         for k in range(self.steps):
-            v = self.velocity(x, k / self.steps, action)
-            if guided:
-                v_none = self.velocity(x, k / self.steps, none)
-                v = v_none + self.cfg_scale * (v - v_none)
-            x = x + v.to(x.dtype) / self.steps
+            x = x + self.velocity(x, k / self.steps, action).to(x.dtype) / self.steps
         self.last, self.last_action, self.previous = x, action, x
         return x
 

@@ -116,6 +116,11 @@ def ssim(a, b):
     Computed on [0, 1] images with an 11x11 Gaussian window (sigma 1.5) over the positions where the window fits, each
     channel separately, then averaged over channels and positions; the constants are (0.01)^2 and (0.03)^2.
     """
+    with torch.autocast(a.device.type, enabled=False):  # float32 blurs, also where the models ran in bf16
+        return _ssim(a, b)
+
+
+def _ssim(a, b):
     lead, (c, h, w) = a.shape[:-3], a.shape[-3:]
     x, y = ((t.float().reshape(-1, 1, h, w) + 1) / 2 for t in (a, b))  # (M, 1, H, W), one image per channel
     g = torch.exp(-(torch.arange(11, device=x.device) - 5.0) ** 2 / (2 * 1.5 ** 2))
@@ -311,8 +316,7 @@ def print_lam_decoder(results):
 
 
 @torch.no_grad()
-def evaluate_genie(args):
-    device = get_device(args.device)
+def evaluate_genie(args, device):
     models = Path(args.models)
     action_model = load_model(LatentActionModel, models / "lam", device)
     # A folder with only lam/ (an ablation run with --phase lam) gets the latent-action figures alone.
@@ -431,8 +435,7 @@ def evaluate_genie(args):
 
 
 @torch.no_grad()
-def evaluate_vae(args):
-    device = get_device(args.device)
+def evaluate_vae(args, device):
     vae = load_model(ViTVAE, args.vae, device)
     c = vae.config
     store = open_frames(args.data, size=(c.width, c.height))
@@ -467,8 +470,7 @@ def inverse_dynamics_model(frame_channels, classes, width=64):
                          nn.Linear(2 * width * 16, 4 * width), nn.GELU(), nn.Linear(4 * width, classes))
 
 
-def evaluate_idm(args):
-    device = get_device(args.device)
+def evaluate_idm(args, device):
     store = FrameStore(args.data)
     if not store.has_actions:
         raise UserError(f"{args.data} has no true actions to read off the frames (collect a game store)")
@@ -570,8 +572,7 @@ def plot_logs(args):
 
 
 @torch.no_grad()
-def evaluate_dit(args):
-    device = get_device(args.device)
+def evaluate_dit(args, device):
     vae, model, action_model = load_world(args.models, device)
     conditioned = model.config.num_actions > 0
     if conditioned and action_model is None:
@@ -599,29 +600,28 @@ def evaluate_dit(args):
         clips = [windows[int(i)] for i in chunk]
         frames = from_uint8(torch.stack([clip["frames"] for clip in clips]).to(device))  # (B, P + H, 3, h, w)
         prompt, truth = frames[:, :args.prompt_frames], frames[:, args.prompt_frames:]
-        with autocast(device):
-            draws, means = encode_clips(vae, model, frames, generator)  # (B, P + H, N, C) each
-            context = draws[:, :args.prompt_frames]
-            led_to = inferred_actions(action_model, model, means) if conditioned else None  # (B, P + H)
-            samples = []  # K continuations of the same context: (B, H) PSNRs each; the first is the reported one
-            for k in range(args.samples):
-                decoded = continue_clips(context, led_to)
-                if k == 0:
-                    first = decoded
-                samples.append(psnr(decoded, truth).cpu())
-            if conditioned:  # the same prompt, led on by random latent actions: what the actions are worth
-                shuffled = led_to.clone()
-                shuffled[:, args.prompt_frames:] = torch.randint(0, model.config.num_actions, truth.shape[:2],
-                                                                 device=device, generator=generator)
-                sums["random_action_psnr"] += psnr(continue_clips(context, shuffled), truth).sum(0).cpu()
-                latent.append(led_to[:, 1:].flatten().cpu())
-                first_clip = means[:, :model.config.lam_clip_len]  # one clip of the length the LAM labels
-                decoder_errors.append(lam_decoder_errors(action_model, first_clip, led_to[:, 1:first_clip.shape[1]],
-                                                         decoder_generator))
-                if store.has_actions:  # actions[:, k] was taken at frame k: the transition to frame k + 1
-                    true.append(torch.stack([clip["actions"][:-1] for clip in clips]).flatten())
-            recon = vae.decode((means[:, args.prompt_frames:] / scale).flatten(0, 1)).float().unflatten(0, truth.shape[:2])
-            latent_copy = vae.decode(means[:, args.prompt_frames - 1] / scale).float()[:, None].expand_as(truth)
+        draws, means = encode_clips(vae, model, frames, generator)  # (B, P + H, N, C) each
+        context = draws[:, :args.prompt_frames]
+        led_to = inferred_actions(action_model, model, means) if conditioned else None  # (B, P + H)
+        samples = []  # K continuations of the same context: (B, H) PSNRs each; the first is the reported one
+        for k in range(args.samples):
+            decoded = continue_clips(context, led_to)
+            if k == 0:
+                first = decoded
+            samples.append(psnr(decoded, truth).cpu())
+        if conditioned:  # the same prompt, led on by random latent actions: what the actions are worth
+            shuffled = led_to.clone()
+            shuffled[:, args.prompt_frames:] = torch.randint(0, model.config.num_actions, truth.shape[:2],
+                                                             device=device, generator=generator)
+            sums["random_action_psnr"] += psnr(continue_clips(context, shuffled), truth).sum(0).cpu()
+            latent.append(led_to[:, 1:].flatten().cpu())
+            first_clip = means[:, :model.config.lam_clip_len]  # one clip of the length the LAM labels
+            decoder_errors.append(lam_decoder_errors(action_model, first_clip, led_to[:, 1:first_clip.shape[1]],
+                                                     decoder_generator))
+            if store.has_actions:  # actions[:, k] was taken at frame k: the transition to frame k + 1
+                true.append(torch.stack([clip["actions"][:-1] for clip in clips]).flatten())
+        recon = vae.decode((means[:, args.prompt_frames:] / scale).flatten(0, 1)).float().unflatten(0, truth.shape[:2])
+        latent_copy = vae.decode(means[:, args.prompt_frames - 1] / scale).float()[:, None].expand_as(truth)
         last = prompt[:, -1:].expand_as(truth)  # the baseline: nothing moves after the prompt
         sums["psnr"] += samples[0].sum(0)
         sums["ssim"] += ssim(first, truth).sum(0).cpu()
@@ -747,17 +747,19 @@ def main():
     if getattr(args, "cfg_scale", 0) < 0:  # genie and dit
         raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
     if args.command == "plot":
-        plot_logs(args)
-    elif args.command == "genie":
+        return plot_logs(args)
+    device = get_device(args.device)
+    if args.command == "idm":  # trains a small model: in fp32, as every CPU run
         seed_everything(args.seed)
-        evaluate_genie(args)
-    elif args.command == "vae":
-        evaluate_vae(args)
-    elif args.command == "idm":
-        seed_everything(args.seed)
-        evaluate_idm(args)
-    elif args.command == "dit":
-        evaluate_dit(args)
+        return evaluate_idm(args, device)
+    with autocast(device):  # the models run as they trained and as they are played: bf16 on CUDA
+        if args.command == "genie":
+            seed_everything(args.seed)
+            evaluate_genie(args, device)
+        elif args.command == "vae":
+            evaluate_vae(args, device)
+        elif args.command == "dit":
+            evaluate_dit(args, device)
 
 
 if __name__ == "__main__":

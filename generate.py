@@ -191,15 +191,16 @@ def main():
                 generator.set_state(noise)
                 sampler.start(draws[:, :args.prompt_frames], generator,
                               None if led_to is None else led_to[:, :args.prompt_frames])
-                frames.append([])
+                decoded = []  # (1, 3, H, W) each, left on the device: one copy to the host per sequence, not per frame
                 for i in range(num_frames):
-                    frames[-1].append(decode_frame(vae, model, sampler.next_frame(sequence[:, i] if num_actions else
-                                                                                  None)))
+                    latents = sampler.next_frame(sequence[:, i] if num_actions else None)
+                    decoded.append(vae.decode(latents[:, 0] / model.config.latent_scale))
                     bar.update()
                     bar.set_postfix(fps=f"{bar.n / (time.time() - started):.2f}")
+                frames.append(to_uint8(torch.cat(decoded)))  # (F, H, W, 3)
 
     # (P + F, H, W, 3) per sequence, side by side
-    video = np.concatenate([np.concatenate([truth[:args.prompt_frames]] + f) for f in frames], axis=2)
+    video = np.concatenate([np.concatenate([truth[:args.prompt_frames], f]) for f in frames], axis=2)
     if args.side_by_side:
         video = np.concatenate([truth, video], axis=2)
     output = Path(args.output)

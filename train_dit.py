@@ -29,9 +29,9 @@ import torch
 
 import dit
 from dataset import FrameStore, WindowDataset, open_latent_actions, open_latents
-from training import add_training_flags, train_loop
-from utils import UserError, add_config_flags, apply_defaults, build, from_uint8, get_device, load_model, override, \
-    positive, run_cli, seed_everything, to_uint8, write_mp4
+from training import add_training_flags, rank_zero_first, train_loop
+from utils import UserError, add_config_flags, apply_defaults, autocast, build, from_uint8, get_device, load_model, \
+    override, positive, run_cli, seed_everything, to_uint8, write_mp4
 from vae2 import ViTVAE
 
 DEFAULTS = {  # training hyperparameters per preset: steps, batch size, peak learning rate, EMA decay
@@ -51,8 +51,8 @@ def write_sample(path, vae, model, clip, prompt_frames, fps, steps=10):
     """Encode the first prompt_frames of clip (T, 3, H, W), continue them to the clip's length, write prompt +
     continuation as an mp4 with the true clip beside it."""
     scale = model.config.latent_scale
-    with torch.no_grad():
-        mu, logvar = vae.encode(clip[:prompt_frames])
+    with torch.no_grad(), autocast(clip.device):
+        mu, logvar = (t.float() for t in vae.encode(clip[:prompt_frames]))
         context = (mu + (0.5 * logvar).exp() * torch.randn_like(mu))[None] * scale  # (1, P, N, C)
         generated = dit.Sampler(model, steps).rollout(context, len(clip) - prompt_frames)[0] / scale
         decoded = vae.decode(generated)
@@ -92,19 +92,19 @@ def main():
     apply_defaults(args, DEFAULTS[args.preset])
     if not 0 <= args.self_forcing_p <= 1:
         raise UserError(f"--self_forcing_p must be in [0, 1], not {args.self_forcing_p}")
-    device = get_device(args.device)
+    device = get_device(args.device, args.deterministic)
     config = override(dit.PRESETS[args.preset], args.set)
 
     # data: latents of the training split, the VAE that made them, a held-out clip for samples
     vae = load_model(ViTVAE, args.vae, device)
-    latents = open_latents(args.data, args.vae, device)
+    latents = rank_zero_first(lambda: open_latents(args.data, args.vae, device))
     # the latent grid is the VAE's; --seq_len, when given, overrides the preset's
     config = dataclasses.replace(config, rows=vae.config.rows, cols=vae.config.cols, latent_dim=vae.config.latent_dim,
                                  latent_scale=float(latents.scale), seq_len=args.seq_len or config.seq_len)
     if args.lam:
         if args.lam_seq_len < 2:
             raise UserError("--lam_seq_len must be at least 2 (a clip of one frame holds no transition)")
-        action_model = open_latent_actions(latents, args.lam, device, args.lam_seq_len)
+        action_model = rank_zero_first(lambda: open_latent_actions(latents, args.lam, device, args.lam_seq_len))
         config = dataclasses.replace(config, num_actions=action_model.config.num_actions, lam_clip_len=args.lam_seq_len)
     if not 0 <= args.context_forcing < config.seq_len - 1:
         raise UserError(f"--context_forcing must be in [0, {config.seq_len - 2}] for --seq_len {config.seq_len}")

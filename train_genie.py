@@ -31,8 +31,8 @@ import vae
 from dataset import LATENT_ACTIONS, TOKENS, FrameStore, TokenStore, WindowDataset, label_transitions, model_id, \
     write_meta
 from download import collect_procgen
-from training import add_training_flags, barrier, distributed, train_loop
-from utils import UserError, add_config_flags, apply_defaults, atomic_dir, build, from_uint8, get_device, load_model, \
+from training import add_training_flags, distributed, rank_zero_first, train_loop
+from utils import UserError, add_config_flags, apply_defaults, atomic_dir, autocast, build, from_uint8, get_device, load_model, \
     override, positive, run_cli, seed_everything
 
 PHASES = ["collect", "tokenizer", "lam", "dynamics"]
@@ -98,17 +98,17 @@ def main():
             raise UserError(f"--set takes PHASE.FIELD=VALUE with PHASE in tokenizer, lam, dynamics, not {item!r}")
     for phase in PRESETS:
         model_config(phase, args)
-    device = get_device(args.device)
+    device = get_device(args.device, args.deterministic)
     out = Path(args.out)
     phases = PHASES if args.phase == "all" else [args.phase]
 
     if "collect" in phases:
         if args.phase == "all" and Path(args.data).exists():
             print(f"collect: using the existing store {args.data}")
-        elif distributed()[0] == 0:  # under torchrun one process collects while the others wait
-            collect_procgen("coinrun", Path(args.data), args.frames, num_envs=64, start_level=0, num_levels=0,
-                            distribution_mode="hard", seed=args.seed, size=None, max_hold=12)
-        barrier()
+        else:  # under torchrun one process collects while the others wait for the store
+            rank_zero_first(lambda: None if distributed()[0] else collect_procgen(
+                "coinrun", Path(args.data), args.frames, num_envs=64, start_level=0, num_levels=0,
+                distribution_mode="hard", seed=args.seed, size=None, max_hold=12))
 
     if "tokenizer" in phases:
         store = frames_store(args)
@@ -125,7 +125,7 @@ def main():
               WindowDataset(store, args.lam_seq_len), args, device)
 
     if "dynamics" in phases:
-        tokens = open_tokens(frames_store(args), out, args.lam_seq_len, device)
+        tokens = rank_zero_first(lambda: open_tokens(frames_store(args), out, args.lam_seq_len, device))
         config = dataclasses.replace(model_config("dynamics", args),
                                      vocab_size=load_model(vae.Tokenizer, out / "tokenizer").config.num_codes,
                                      num_actions=load_model(lam.LatentActionModel, out / "lam").config.num_actions,
@@ -145,7 +145,7 @@ def tokenize(store, out, lam_seq_len, device, batch_size=64):
     tokenizer = load_model(vae.Tokenizer, out / "tokenizer", device)
     action_model = load_model(lam.LatentActionModel, out / "lam", device)
     grid = tokenizer.config.grid
-    with atomic_dir(out / "tokens") as tmp:
+    with atomic_dir(out / "tokens") as tmp, autocast(device):
         tokens = np.memmap(tmp / TOKENS, np.uint16, "w+", shape=(store.count, grid, grid))
         for start in tqdm(range(0, store.count, batch_size), unit="batch", desc="tokens"):
             frames = from_uint8(store.window(start, batch_size)["frames"].to(device))
@@ -162,19 +162,15 @@ def tokenize(store, out, lam_seq_len, device, batch_size=64):
 
 
 def open_tokens(store, out, lam_seq_len, device):
-    """The token store of `store` under the models in `out`: made once (by rank 0 under torchrun), and again only
-    when the tokenizer or the LAM has changed."""
-    if distributed()[0] == 0:
-        try:
-            tokens = TokenStore(out / "tokens")
-            stale = (tokens.tokenizer_id, tokens.lam_id, tokens.count, tokens.meta.get("frames")) != (
-                model_id(out / "tokenizer"), model_id(out / "lam"), store.count, str(store.path.resolve()))
-        except UserError:  # none yet, or an unusable one: made anew rather than trusted
-            stale = True
-        if stale:
-            tokenize(store, out, lam_seq_len, device)
-    barrier()
-    return TokenStore(out / "tokens")
+    """The token store of `store` under the models in `out`: made once, and again only when the tokenizer or the LAM
+    has changed."""
+    try:
+        tokens = TokenStore(out / "tokens")
+        stale = (tokens.tokenizer_id, tokens.lam_id, tokens.count, tokens.meta.get("frames")) != (
+            model_id(out / "tokenizer"), model_id(out / "lam"), store.count, str(store.path.resolve()))
+    except UserError:  # none yet, or an unusable one: made anew rather than trusted
+        stale = True
+    return tokenize(store, out, lam_seq_len, device) if stale else tokens
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import lam
 from dataset import WindowDataset, open_latents
 from train_dit import sample_latents
-from training import add_training_flags, train_loop
+from training import add_training_flags, rank_zero_first, train_loop
 from utils import add_config_flags, apply_defaults, build, get_device, load_model, override, positive, run_cli, \
     seed_everything
 from vae2 import ViTVAE
@@ -46,9 +46,9 @@ def main():
     add_training_flags(parser)
     args = parser.parse_args()
     apply_defaults(args, DEFAULTS[args.preset])
-    device = get_device(args.device)
+    device = get_device(args.device, args.deterministic)
 
-    latents = open_latents(args.data, args.vae, device)
+    latents = rank_zero_first(lambda: open_latents(args.data, args.vae, device))
     vae_config = load_model(ViTVAE, args.vae).config
     # the tokens are the VAE's latents, whatever --set says of the input
     config = dataclasses.replace(override(lam.PRESETS[args.preset], args.set), input="latents", rows=vae_config.rows,

@@ -26,9 +26,9 @@ import torch
 
 import vae2
 from dataset import WindowDataset, open_frames, require_size, spread_frames
-from training import add_training_flags, train_loop
-from utils import UserError, add_config_flags, apply_defaults, atomic_path, build, from_uint8, get_device, override, \
-    positive, run_cli, seed_everything, to_uint8
+from training import add_training_flags, rank_zero_first, train_loop
+from utils import UserError, add_config_flags, apply_defaults, atomic_path, autocast, build, from_uint8, get_device, \
+    override, positive, run_cli, seed_everything, to_uint8
 
 DEFAULTS = {  # training hyperparameters per preset: steps, batch size, learning rate, beta schedule, picture interval
     "tiny": dict(steps=1200, batch_size=4, lr=1e-3, beta_start_step=100, beta_warmup_steps=100, sample_every=400),
@@ -47,7 +47,8 @@ def beta_at(step, args):
 @torch.no_grad()
 def write_reconstructions(path, model, frames):
     """frames (K, 3, H, W) above their reconstructions decode(mu), side by side, as one PNG; returns the image."""
-    recon = model.decode(model.encode(frames)[0])
+    with autocast(frames.device):
+        recon = model.decode(model.encode(frames)[0])
     image = np.concatenate([np.concatenate(list(to_uint8(x)), axis=1) for x in (frames, recon)], axis=0)
     with atomic_path(path) as tmp:
         cv2.imwrite(str(tmp), image[..., ::-1])
@@ -79,11 +80,11 @@ def main():
     apply_defaults(args, DEFAULTS[args.preset])
     if args.beta_max < 0 or args.diff_weight < 0 or args.beta_start_step < 0:
         raise UserError("--beta_max, --beta_start_step and --diff_weight must not be negative")
-    device = get_device(args.device)
+    device = get_device(args.device, args.deterministic)
     config = override(vae2.PRESETS[args.preset], args.set)
 
     # data: single frames (pairs with the frame-difference loss) of the training split
-    store = open_frames(args.data, size=(config.width, config.height))
+    store = rank_zero_first(lambda: open_frames(args.data, size=(config.width, config.height)))
     require_size(store, config.width, config.height)
     dataset = WindowDataset(store, 2 if args.diff_weight > 0 else 1, split="train")
     # the pictures show held-out frames where the store has some, so they show what the VAE generalises to

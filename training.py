@@ -20,6 +20,7 @@ import argparse
 import atexit
 import copy
 import dataclasses
+import datetime
 import hashlib
 import itertools
 import json
@@ -46,7 +47,7 @@ from utils import TrainingFailed, UserError, WandbLog, atomic_path, atomic_write
 # train_loop's own flags that change where and how a run is watched, not its result: they may differ between a run
 # and its resumption. Each script adds its own such flags (train_loop's `unchanged`).
 WATCH_FLAGS = {"device", "compile", "num_workers", "log_every", "wandb", "save_every", "keep", "resume", "fresh",
-               "max_bad_steps", "micro_batch", "checkpoint_blocks", "gpu_memory"}
+               "max_bad_steps", "micro_batch", "checkpoint_blocks", "gpu_memory", "deterministic"}
 DEFAULT_WORKERS = max(2, min(8, (os.cpu_count() or 2) // 2))  # loader processes: enough to feed a GPU, few on a laptop
 # A testing aid, not a flag: the steps (comma-separated) whose loss is made NaN, to see the non-finite guard at work.
 POISON_STEPS_VARIABLE = "GAMEWORLD_POISON_STEPS"
@@ -88,6 +89,10 @@ def add_training_flags(parser):
                         help="activation checkpointing: each transformer block recomputes its forward in backward "
                              "instead of keeping its activations (about a third more compute; default: on CUDA only "
                              "when no micro-batch fits without it)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="on CUDA, deterministic kernels only (cuBLAS workspace, no cuDNN autotuning): the same "
+                             "command then gives the same weights bit for bit, also after a kill and resume, at some "
+                             "cost in speed. A CPU run is deterministic without it")
     parser.add_argument("--gpu_memory", type=positive(float), metavar="GB",
                         help="plan --micro_batch and --checkpoint_blocks for a GPU of this many GB instead of the "
                              "device's own free memory; on a machine without one, a dry run of the fit")
@@ -133,6 +138,28 @@ def barrier():
     """Wait for every process of a torchrun launch (nothing to wait for otherwise)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+PREPARE_TIMEOUT = datetime.timedelta(hours=6)  # encoding or tokenizing a store of hours of footage on one GPU
+_waiting_group = []  # the process group rank_zero_first waits in, made on first use
+
+
+def rank_zero_first(prepare):
+    """prepare() -> its result, in every process, run by rank 0 of a torchrun launch before the others.
+
+    For the data a training script prepares on first use (a video prepared into a store, a store encoded into
+    latents, labelled by a LAM, tokenized): rank 0 makes it while the others wait, then they run prepare() too and
+    find it made, so it is made once and no two processes write the same folder. They wait in a gloo group of its
+    own whose timeout fits a long preparation (PREPARE_TIMEOUT); training's collectives keep the default timeout, so
+    a hang there still ends in minutes. Without torchrun: prepare()."""
+    rank, world = distributed()
+    if world == 1:
+        return prepare()
+    if not _waiting_group:
+        _waiting_group.append(dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT))
+    result = prepare() if rank == 0 else None
+    dist.barrier(group=_waiting_group[0])
+    return result if rank == 0 else prepare()
 
 
 # ----------------------------------------------------------------------------- data order
@@ -333,18 +360,25 @@ def poison_steps():
 
 def step_settings(model, loss_fn, dataset, args, device, world, name, ema):
     """-> (micro-batches per step, activation checkpointing) for this process's share of the batch. With a memory
-    budget (a CUDA device's free memory or --gpu_memory, 95 % of it) they are planned by memory.plan from the
-    estimated peak of the step (what the flags leave open); without one, they are what the flags say."""
+    budget (memory.budget of a CUDA device's memory, or of --gpu_memory) they are planned by memory.plan from the
+    estimated peak of the step (what the flags leave open); without one, they are what the flags say. Under torchrun
+    every process plans for the smallest budget of them all, so all take the same plan: micro-batch counts that
+    differed would issue different numbers of collectives, and the launch would hang."""
     share = args.batch_size // world
     if args.micro_batch and share % args.micro_batch:
         raise UserError(f"--micro_batch {args.micro_batch} must divide each process's batch of {share} samples "
                         f"(--batch_size {args.batch_size} over {world} process{'es' if world > 1 else ''})")
     card = args.gpu_memory * memory.GB if args.gpu_memory else None
     if card is None and device.type == "cuda":
+        torch.cuda.empty_cache()  # what an earlier phase of this process cached is free for this one
         free, card = torch.cuda.mem_get_info(device)
     if card is None:
         return share // (args.micro_batch or share), bool(args.checkpoint_blocks)
-    budget = memory.BUDGET_FRACTION * card if args.gpu_memory else min(memory.BUDGET_FRACTION * card, free)
+    budget = memory.budget(card, None if args.gpu_memory else free)
+    if world > 1:
+        smallest = torch.tensor([budget], dtype=torch.float64, device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        budget = smallest.item()
     sample = dataset[0]
     found = memory.plan(lambda m: (type(model)(model.config), memory.fake_batch(sample, m)), loss_fn, share, budget,
                         args.micro_batch, args.checkpoint_blocks, ema, device if device.type == "cuda" else "cpu")
@@ -535,8 +569,10 @@ def train_loop(model, loss_fn, dataset, args, device, folder, log_path, name, pr
                          run_id=state and state["wandb_id"])
     net = model
     if world > 1:  # starts by broadcasting rank 0's parameters and buffers
+        # gradient_as_bucket_view: the gradients live in DDP's communication buckets, not in a second copy beside them
+        # (memory.py's estimate has one copy)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
+                                                        else None, gradient_as_bucket_view=True)
     if checkpoint:
         checkpoint_blocks(model)
     if use_compile(args, device):

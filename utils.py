@@ -9,7 +9,9 @@ import io
 import json
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -160,26 +162,70 @@ def build(cls, config):
 
 # ----------------------------------------------------------------------------- device and seeds
 
-def get_device(name=None):
-    """The device to run on: the one asked for, else cuda (under torchrun the GPU of this process), then mps, then cpu."""
-    if name:
+def nvidia_driver():
+    """What nvidia-smi says of the machine's NVIDIA driver, in a few words (to set beside torch's CUDA version)."""
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nvidia-smi: {first_line(e)} (no NVIDIA driver here?)"
+    driver, cuda = re.search(r"Driver Version:\s*([\d.]+)", out), re.search(r"CUDA Version:\s*([\d.]+)", out)
+    if driver and cuda:
+        return f"the NVIDIA driver is {driver[1]}, for CUDA {cuda[1]} at most"
+    return f"nvidia-smi: {first_line(out) if out.strip() else 'no output'}"
+
+
+def choose_device(name, local_rank, world, cuda_count, mps, driver=""):
+    """Which device a process runs on -> torch.device, a CUDA one always with its index; UserError when it cannot be.
+
+    name: --device (None: the best there is); local_rank, world: torchrun's LOCAL_RANK and WORLD_SIZE (0, 1 without
+    it); cuda_count: the GPUs torch sees; mps: whether Apple's GPU is there. Under torchrun process k takes GPU k
+    (LOCAL_RANK) whether --device says cuda or nothing; a single process takes the GPU it is given, cuda:0 by default.
+    driver: a few words on the NVIDIA driver for the error when CUDA is asked for and torch sees none.
+    """
+    if name is None:
+        name = "cuda" if cuda_count else "mps" if mps else "cpu"
+    try:
         device = torch.device(name)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (cuda, cuda:N, mps or cpu)") from None
+    if device.type != "cuda":
+        return device
+    if not cuda_count:
+        raise UserError(f"--device {name}: torch {torch.__version__}, built for CUDA "
+                        f"{torch.version.cuda or 'none (a CPU build)'}, sees no CUDA GPU; {driver or 'check nvidia-smi'}")
+    if world > 1 and device.index is not None and device.index != local_rank:
+        raise UserError(f"--device {name} under torchrun: each process takes the GPU of its LOCAL_RANK; pass --device "
+                        f"cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs")
+    index = local_rank if device.index is None else device.index
+    if index >= cuda_count:
+        raise UserError(f"--device {name}: GPU {index} asked for, {cuda_count} visible")
+    return torch.device("cuda", index)
+
+
+def get_device(name=None, deterministic=False):
+    """The device to run on (choose_device) and made this process's current one, so that every stream, event and
+    collective of the process is on it. deterministic: CUDA's deterministic kernels only (training's
+    --deterministic), so that a run repeats bit for bit on a GPU as it does on a CPU."""
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = choose_device(name, int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), cuda_count,
+                           getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+                           nvidia_driver() if not cuda_count and str(name).startswith("cuda") else "")
     if device.type == "cuda":
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast: TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
+        # the fastest convolution kernel for each shape, found by timing on first use: not the same one every run
+        torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to repeat itself
+        torch.use_deterministic_algorithms(True, warn_only=True)
     return device
 
 
 def autocast(device):
     """The precision every model runs at: bf16 autocast on CUDA (twice the tensor-core rate of TF32), fp32 elsewhere
-    (bf16 is slower than fp32 on most CPUs)."""
+    (bf16 is slower than fp32 on most CPUs). device: a torch.device or its name."""
+    device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 

@@ -1,6 +1,7 @@
 """Training under torchrun: two CPU processes (gloo) must end with identical weights, and with the weights of one
 process reading the same global batch, within float round-off."""
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,3 +73,39 @@ def test_a_frozen_parameter_trains_and_a_failing_process_ends_the_launch(coinrun
     result = torchrun(*common, "--steps", 20, "--out", tmp_path / "crash", env={CRASH_VARIABLE: "1:3"}, timeout=120)
     assert result.returncode != 0 and f"{CRASH_VARIABLE}: process 1 fails at step 3" in result.stderr
     assert time.time() - started < 60  # measured 6 s; it hung until killed before
+
+
+def test_a_store_that_needs_encoding_is_encoded_once(diffusion_data, tmp_path):
+    # a frame store without latents: rank 0 encodes it while the other process waits, then finds it encoded
+    store = tmp_path / "footage"
+    shutil.copytree(diffusion_data["store"], store)
+    result = torchrun("train_lam.py", store, "--vae", diffusion_data["vae"], "--preset", "tiny", "--steps", 2,
+                      "--batch_size", 2, "--seq_len", 3, "--num_workers", 0, "--out", tmp_path / "lam")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(f"encoding the 300 frames of {store}") == 1, result.stdout
+    assert "lam: weights identical in all 2 processes" in result.stdout
+
+
+PLAN = """
+import argparse, sys, torch
+sys.path.insert(0, {root!r})
+import bench, training
+rank, world = training.distributed()
+model, batch, _ = bench.training_inputs("lam", "tiny", 1, "cpu")
+args = argparse.Namespace(batch_size=32, micro_batch=None, checkpoint_blocks=None, gpu_memory={budgets}[rank])
+sample = {{k: v[0] for k, v in batch.items()}}
+print("plan", training.step_settings(model, bench.forward, [sample], args, torch.device("cpu"), world, "lam", False))
+"""
+
+
+def test_processes_with_different_budgets_take_the_same_plan(tmp_path):
+    # each process plans from its own GPU's free memory; plans that differ issue different numbers of collectives
+    script = tmp_path / "plan.py"
+    plans = {}
+    for budgets in ([0.1, 40], [0.1, 0.1], [40, 40]):
+        script.write_text(PLAN.format(root=str(ROOT), budgets=budgets))
+        result = torchrun(script)
+        assert result.returncode == 0, result.stderr[-3000:]
+        plans[str(budgets)] = sorted(line for line in result.stdout.splitlines() if line.startswith("plan"))
+    assert plans["[0.1, 40]"] == plans["[0.1, 0.1]"] != plans["[40, 40]"], plans
+    assert len(set(plans["[0.1, 40]"])) == 1

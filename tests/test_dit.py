@@ -153,6 +153,40 @@ def test_cached_generation_with_actions_equals_recomputing_the_window(cfg_scale)
     torch.testing.assert_close(frames[0], frames[1], rtol=0, atol=1e-4)
 
 
+@torch.no_grad()
+def test_guided_generation_runs_one_batched_pass_per_euler_step_equal_to_two_calls():
+    model = random_dit(seq_len=6, num_actions=4)
+    context, actions = torch.randn(2, 2, 220, 48), torch.randint(4, (2, 5))
+    steps, scale, context_t, frames = 3, 2.5, 0.9, 3
+    passes = []
+    hook = model.transformer.register_forward_hook(lambda *_: passes.append(1))
+    sampler = Sampler(model, steps=steps, context_t=context_t, cfg_scale=scale)
+    batched = sampler.rollout(context, frames, torch.Generator().manual_seed(3), actions=actions)
+    hook.remove()
+    # one pass per context frame joining the cache, per Euler step, and per generated frame joining it but the last
+    assert len(passes) == 2 + frames * steps + frames - 1, len(passes)
+
+    # the reference: two calls per Euler step on the whole window, with the sampler's order of noise draws
+    generator, none = torch.Generator().manual_seed(3), torch.full((2, 1), 4)
+    noised = lambda x: (1 - context_t) * torch.randn(x.shape, generator=generator) + context_t * x
+    past, past_actions = noised(context), actions[:, :2]  # (B, P + frames): each frame's action, as rollout takes
+    previous, made = context[:, -1:], []
+    for i in range(frames):
+        if i:
+            past, past_actions = torch.cat([past, noised(made[-1])], dim=1), torch.cat([past_actions, action], dim=1)
+        x, action = torch.randn((2, 1, 220, 48), generator=generator), actions[:, 2 + i:3 + i]
+        for k in range(steps):
+            t = torch.cat([torch.full(past.shape[:2], context_t), torch.full((2, 1), k / steps)], dim=1)
+            window = torch.cat([past, x], dim=1)
+            before = torch.cat([torch.zeros_like(past), previous], dim=1)
+            v_action, v_none = (model.velocity(window, t, actions=torch.cat([past_actions, a], dim=1),
+                                               previous=before)[:, -1:] for a in (action, none))
+            x = x + (v_none + scale * (v_action - v_none)) / steps
+        made.append(x)
+        previous = x
+    torch.testing.assert_close(batched, torch.cat(made, dim=1), rtol=0, atol=1e-4)
+
+
 def test_training_with_actions_and_action_dropout():
     model = random_dit(num_actions=4).train()
     x1, actions = torch.randn(2, 5, 220, 48), torch.randint(4, (2, 5))
