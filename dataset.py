@@ -19,13 +19,14 @@ A latent store holds a frame store encoded by the ViT-VAE (vae2.py), for the DiT
 A token store holds a frame store as the Genie dynamics model reads it (train_genie.py writes it beside the models):
   tokens.u16          uint16 tokenizer tokens (count, rows, cols)
   latent_actions.npy  int64 (count,): latent_actions[i] is the LAM's action for the transition frame i -> frame i+1
-                      (0 at an episode's last frame, which starts no transition)
-  meta.json           the frame store's meta plus grid [rows, cols], tokenizer_id and lam_id (model_id of each) and
-                      frames (the frame store's path)
+                      (0 at an episode's last frame, which starts no transition); only when a LAM labelled them
+  actions.npy         copied from the frame store, if it has one
+  meta.json           the frame store's meta plus grid [rows, cols], tokenizer_id and lam_id (model_id of each; lam_id
+                      "" without labels) and frames (the frame store's path)
 
 Windows come out as (T, C, H, W) uint8 frames from a frame store (for Celeste footage C, H, W = 3, 180, 320; the
 device makes them floats in [-1, 1]), as (T, N, L) float16 mu and logvar from a latent store, as (T, rows, cols) tokens
-and the T - 1 latent actions between them from a token store.
+and the T - 1 latent and true actions between them from a token store.
 
   python dataset.py prepare videos/z8r255LoVJc.mp4 --fps 12 --size 320x180     # -> videos/z8r255LoVJc_12fps_320x180/
   python dataset.py info videos/coinrun
@@ -455,7 +456,7 @@ class TokenStore(Store):
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.path / META} is malformed: {type(e).__name__} {e}") from None
         check_size(self.path / TOKENS, self.count * math.prod(self.grid) * 2, f"{self.count} token grids of {self.grid}")
-        self.has_actions = False  # the true actions stay in the frame store
+        self.has_actions = check_actions(self.path, self.count)
 
     @property
     def tokens(self):  # (count, rows, cols) uint16
@@ -468,9 +469,14 @@ class TokenStore(Store):
         return self._maps[LATENT_ACTIONS]
 
     def window(self, start, length):
-        """{"tokens": (T, rows, cols) int64, "latent_actions": (T - 1,) int64, those of the transitions between}."""
-        return {"tokens": torch.from_numpy(self.tokens[start:start + length].astype(np.int64)),
-                "latent_actions": torch.from_numpy(np.array(self.latent_actions[start:start + length - 1]))}
+        """{"tokens": (T, rows, cols) int64, "latent_actions": (T - 1,) int64, those of the transitions between, when
+        a LAM labelled them, "actions": (T - 1,) int64, the true ones, when the frame store has them}."""
+        item = {"tokens": torch.from_numpy(self.tokens[start:start + length].astype(np.int64))}
+        if self.lam_id:
+            item["latent_actions"] = torch.from_numpy(np.array(self.latent_actions[start:start + length - 1]))
+        if self.has_actions:
+            item["actions"] = torch.from_numpy(np.array(self.actions[start:start + length - 1], dtype=np.int64))
+        return item
 
 
 def open_store(path):

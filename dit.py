@@ -41,7 +41,7 @@ it joined rather than being re-encoded without the frames that slid out (a rolli
 """
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -61,9 +61,12 @@ class DiTConfig:
     heads: int = 15
     mlp_ratio: float = 4.0
     latent_scale: float = 1.0  # multiplies the VAE's latents to unit variance; set from the latent store
-    num_actions: int = 0      # latent actions a frame is conditioned on; 0: none (the unconditioned DiT)
+    num_actions: int = 0      # actions a frame is conditioned on; 0: none (the unconditioned DiT)
     action_dropout: float = 0.1  # training: share of frames whose action becomes the learned "no action"
     lam_clip_len: int = 4     # frames per clip the LAM labelled the training actions in; generation labels alike
+    actions: str = "latent"   # what the actions are: "latent", a LAM's (lam/ beside dit/); "true", the game's own
+    action_names: list = field(default_factory=list)  # with true actions, the game's name of each (its store's)
+    game: str = ""            # with true actions, the store's source, e.g. procgen:coinrun
     residual: bool = False    # predict the clean frame as the previous one + the output (module docstring)
 
 

@@ -23,7 +23,7 @@ prompt's tokens with the inferred actions and with random ones alike). Classifie
 cfg_scale * (logits_action - logits_none), lifts the codes that the action makes more likely above the copy.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,9 @@ class DynamicsConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     action_dropout: float = 0.1  # training: share of frames whose action becomes "no action" (for guidance)
+    actions: str = "latent"  # what the actions are: "latent", the LAM's (lam/ beside dynamics/); "true", the game's own
+    action_names: list = field(default_factory=list)  # with true actions, the game's name of each (its store's)
+    game: str = ""           # with true actions, the store's source, e.g. procgen:coinrun
 
 
 CFG_SCALE = 6.0  # the sampler's default guidance of the latent action; 1 = none (README: Genie guidance table)

@@ -43,6 +43,17 @@ genie reports:
                                        tell it), and the error of copying the frame before over it (negative: the
                                        decoder is still worse than a copy)
 
+genie on a world of the game's true actions (train_genie.py --actions true) reports instead:
+  rollout_psnr, random_action_psnr,    the rollout under the recorded actions and under random ones of the game, the
+  delta_psnr_t4, delta_psnr_long       controllability between them; baseline_psnr, token_copy_psnr, tokenizer_psnr
+  following_accuracy,                  from each held-out prompt each horizontal class (left, none, right) is held for
+  following_ceiling,                   FOLLOW_FRAMES frames through the world's action for it (its key: LEFT, NOOP,
+  following_by_class                   RIGHT); the inverse dynamics model of `idm` (--idm, default DATA_idm) names the
+                                       class each transition shows; the share read as the class held, averaged over
+                                       the classes, next to the same reading of real held-out clips during which the
+                                       true actions held one class (the ceiling). A world that ignores its actions
+                                       scores a third; one as good as the game, the ceiling
+
 vae reports (-> results/vae_eval.json):
   psnr, ssim                           reconstruction decode(mu) of --frames held-out frames (the 'val' split: held-out
                                        levels, episodes, or the last 10 % of a single video): PSNR (dB) and SSIM
@@ -52,7 +63,9 @@ idm reports (-> results/idm_eval.json), the ceiling for the genie latent-action 
   effect_accuracy, horizontal_accuracy a supervised inverse dynamics model (a small conv net on frames t and t + 1,
   nmi_effect, effect_majority          trained --steps steps on the true effect classes of the training levels) scored
                                        on held-out transitions: how much of what the player did two frames show at
-                                       all. A LAM learns without labels, so these bound what its figures can reach
+                                       all. A LAM learns without labels, so these bound what its figures can reach.
+                                       The model is saved beside the store (DATA_idm, or --out): the reader of the
+                                       following figures
 
 dit reports (-> results/dit_eval.json and a plot beside it), each a list over horizon steps 1..--horizon:
   psnr, ssim                           the DiT's continuation of --clips held-out clips (prompt: --prompt_frames true
@@ -79,12 +92,14 @@ import argparse
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from tqdm import tqdm
 
@@ -94,7 +109,7 @@ from dataset import FrameStore, WindowDataset, open_frames, require_size, spread
 from generate import CFG_SCALE, encode_clips, inferred_actions, load_world
 from lam import LatentActionModel
 from utils import UserError, atomic_path, atomic_write_text, autocast, from_uint8, get_device, load_model, positive, \
-    run_cli, seed_everything
+    run_cli, save_model, seed_everything
 from vae import Tokenizer
 from vae2 import ViTVAE
 
@@ -249,6 +264,13 @@ def draw_confusion(path, table, row_names, title):
         cv2.imwrite(str(tmp), image[..., ::-1])
 
 
+def check_game(store, config, data):
+    """A world trained on a game's true actions is evaluated on that game's frames with their actions."""
+    if not store.has_actions or store.meta["source"] != config.game:
+        raise UserError(f"{data} holds {store.meta['source']}{'' if store.has_actions else ' without actions'}; the "
+                        f"world was trained on the true actions of {config.game}: evaluate it on a store of that game")
+
+
 def write_meaning(models, data, transitions, meaning):
     """MODELS/meaning.json, where play.py finds what each latent action does (play.read_meaning)."""
     atomic_write_text(models / "meaning.json", json.dumps({"data": str(data), "transitions": transitions,
@@ -315,9 +337,92 @@ def print_lam_decoder(results):
           f"the previous frame {results['lam_decoder_vs_copy_db']:+.2f} dB")
 
 
+FOLLOW_FRAMES = 4  # frames each horizontal class is held for in the following figure
+
+
+def following_of(args, store, world_rollout, prompts, rng, device):
+    """following_figures of a world on `store`'s held-out clips, read by the IDM in --idm (default DATA_idm, made by
+    evaluate.py idm) -> the figures, {} with a note when there is no IDM yet."""
+    folder = Path(args.idm or idm_folder(store.path))
+    if not (folder / "config.json").is_file():
+        print(f"no following figure: no inverse dynamics model in {folder} (python evaluate.py idm {args.data})")
+        return {}
+    idm = load_model(InverseDynamics, folder, device)
+    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+    held = held_clips(store, FOLLOW_FRAMES + 1, names, len(prompts), rng)
+    return {**following_figures(idm, world_rollout, prompts, held, args.batch_size), "follow_frames": FOLLOW_FRAMES}
+
+
+@torch.no_grad()
+def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store):
+    """A Genie world on the game's true actions (train_genie.py --actions true): its rollout under the recorded
+    actions and under random ones, the copy baselines, and how it follows held actions (following_figures)."""
+    from play import world_meaning
+    check_game(store, dynamics_model.config, args.data)
+    sampler = dynamics.Sampler(dynamics_model, args.maskgit_steps, args.temperature, cfg_scale=args.cfg_scale)
+    dataset = WindowDataset(store, args.horizon + 1, split="val")
+    rng = np.random.default_rng(args.seed)
+    picks = rng.choice(len(dataset), min(args.clips, len(dataset)), replace=False)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    sums = {k: [] for k in ("rollout_psnr", "random_action_psnr", "baseline_psnr", "token_copy_psnr", "tokenizer")}
+    prompts = []
+    for i in range(0, len(picks), args.batch_size):
+        batch = [dataset[int(j)] for j in picks[i:i + args.batch_size]]
+        frames = from_uint8(torch.stack([b["frames"] for b in batch]).to(device))  # (B, T, 3, 64, 64)
+        actions = torch.stack([b["actions"][:-1] for b in batch]).to(device)  # (B, T - 1): the recorded ones
+        prompts.append(torch.stack([b["frames"][:1] for b in batch]))
+        target = frames[:, 1:]
+        decoded = tokenizer.decode(tokenizer.encode(frames.flatten(0, 1))).unflatten(0, frames.shape[:2])
+        shuffled = torch.randint(0, dynamics_model.config.num_actions, actions.shape, device=device,
+                                 generator=generator)
+        for acts, key in ((actions, "rollout_psnr"), (shuffled, "random_action_psnr")):
+            sums[key].append(psnr(rollout(tokenizer, sampler, frames[:, 0], acts, generator), target).cpu())
+        sums["baseline_psnr"].append(psnr(frames[:, :1].expand_as(target), target).cpu())
+        sums["token_copy_psnr"].append(psnr(decoded[:, :1].expand_as(target), target).cpu())
+        sums["tokenizer"].append(psnr(decoded, frames).flatten().cpu())
+    results = {k: torch.cat(v).mean(0).tolist() for k, v in sums.items() if k != "tokenizer"}
+    t4 = min(4, args.horizon) - 1
+    results.update(actions="true", game=dynamics_model.config.game, clips=len(picks), horizon=args.horizon,
+                   maskgit_steps=args.maskgit_steps, temperature=args.temperature, cfg_scale=args.cfg_scale,
+                   tokenizer_psnr=float(torch.cat(sums["tokenizer"]).mean()),
+                   delta_psnr_t4=results["rollout_psnr"][t4] - results["random_action_psnr"][t4],
+                   delta_psnr_long=results["rollout_psnr"][-1] - results["random_action_psnr"][-1])
+    chosen = class_actions(world_meaning(models, dynamics_model.config))
+
+    def hold(prompt, c):  # prompt (B, 1, 3, H, W) -> it and FOLLOW_FRAMES frames under the class's action
+        if c not in chosen:
+            return None
+        actions = torch.full((len(prompt), FOLLOW_FRAMES), chosen[c], device=device)
+        return torch.cat([prompt[:, -1:], rollout(tokenizer, sampler, prompt[:, -1], actions, generator)], dim=1)
+    results.update(following_of(args, store, hold, torch.cat(prompts), rng, device), class_actions=chosen)
+    json_path = Path(args.json or "results/genie_eval.json")
+    atomic_write_text(json_path, json.dumps(results, indent=1))
+    print(f"held-out clips        {len(picks)} x {args.horizon + 1} frames of {args.data}; the world of "
+          f"{dynamics_model.config.game}'s true actions (MaskGIT {args.maskgit_steps} steps, guidance "
+          f"{args.cfg_scale:g})")
+    print(f"tokenizer PSNR        {results['tokenizer_psnr']:.2f} dB")
+    print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
+          f"{results['delta_psnr_long']:+.2f} dB (recorded - random actions)")
+    if results.get("following_accuracy") is not None:
+        print(f"following             {results['following_accuracy']:.1%} of the transitions read as the class held "
+              f"(ceiling, real clips: {results['following_ceiling']:.1%}); " + ", ".join(
+                  f"{k} {v:.0%}" for k, v in results["following_by_class"].items()))
+    print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
+    for key, name in (("rollout_psnr", "rollout PSNR"), ("random_action_psnr", "random actions PSNR"),
+                      ("baseline_psnr", "copy-first baseline"), ("token_copy_psnr", "copy-first tokens")):
+        print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in results[key]))
+    print(f"wrote {json_path}")
+    return results
+
+
 @torch.no_grad()
 def evaluate_genie(args, device):
     models = Path(args.models)
+    if (models / "dynamics").exists():
+        dynamics_model = load_model(dynamics.Dynamics, models / "dynamics", device)
+        if dynamics_model.config.actions == "true":
+            tokenizer = load_model(Tokenizer, models / "tokenizer", device)
+            return evaluate_genie_world(args, device, models, tokenizer, dynamics_model, FrameStore(args.data))
     action_model = load_model(LatentActionModel, models / "lam", device)
     # A folder with only lam/ (an ablation run with --phase lam) gets the latent-action figures alone.
     tokenizer = load_model(Tokenizer, models / "tokenizer", device) if (models / "tokenizer").exists() else None
@@ -460,14 +565,40 @@ def evaluate_vae(args, device):
     return results
 
 
-def inverse_dynamics_model(frame_channels, classes, width=64):
-    """Frames t and t + 1 stacked (B, 2 * channels, 64, 64) -> logits over the classes (B, classes): four stride-2
-    convolutions, then a small MLP; any frame size works (the pooling fixes the grid at 4x4)."""
-    def down(c_in, c_out):
-        return [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GELU()]
-    return nn.Sequential(*down(2 * frame_channels, width), *down(width, 2 * width), *down(2 * width, 2 * width),
-                         *down(2 * width, 2 * width), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                         nn.Linear(2 * width * 16, 4 * width), nn.GELU(), nn.Linear(4 * width, classes))
+@dataclass
+class IDMConfig:
+    effects: list             # the effect classes it reads (effect_classes), in order
+    horizontal: list          # each effect's horizontal direction: 0 left, 1 none, 2 right
+    game: str = ""            # the store's source it was trained on
+    width: int = 64
+
+
+class InverseDynamics(nn.Module, PyTorchModelHubMixin):
+    """Frames t and t + 1 (B, 3, H, W) each -> logits over the effect classes (B, classes): four stride-2
+    convolutions, then a small MLP; any frame size works (the pooling fixes the grid at 4x4). Trained on real frames
+    with their true actions (evaluate.py idm), it is the reader of what a transition shows: the ceiling of the latent
+    actions, and the judge of whether a world follows the actions it is given (following_figures)."""
+
+    def __init__(self, config: IDMConfig):
+        super().__init__()
+        self.config, w = config, config.width
+
+        def down(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.GELU()]
+        self.net = nn.Sequential(*down(6, w), *down(w, 2 * w), *down(2 * w, 2 * w), *down(2 * w, 2 * w),
+                                 nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * w * 16, 4 * w), nn.GELU(),
+                                 nn.Linear(4 * w, len(config.effects)))
+
+    def forward(self, before, after):
+        return self.net(torch.cat([before, after], dim=1).float())
+
+    def horizontal(self, before, after):  # -> (B,) 0 left, 1 none, 2 right
+        return torch.as_tensor(self.config.horizontal, device=before.device)[self(before, after).argmax(1)]
+
+
+def idm_folder(store_path):
+    """Where evaluate.py idm leaves the inverse dynamics model of a store: beside it, <store>_idm."""
+    return Path(store_path).parent / f"{Path(store_path).name}_idm"
 
 
 def evaluate_idm(args, device):
@@ -483,16 +614,16 @@ def evaluate_idm(args, device):
         raise UserError(f"{store.path} needs transitions on training and on held-out levels (its 'train' split has "
                         f"{len(train)}, its 'val' split {len(val)})")
 
-    def batch(dataset, picks):  # -> frames t and t + 1 stacked (B, 6, H, W), effect classes (B,)
+    def batch(dataset, picks):  # -> frames t and t + 1 (B, 2, 3, H, W), effect classes (B,)
         items = [dataset[int(i)] for i in picks]
-        frames = from_uint8(torch.stack([b["frames"] for b in items]).to(device)).flatten(1, 2)
+        frames = from_uint8(torch.stack([b["frames"] for b in items]).to(device))
         return frames, torch.as_tensor(effect_of[torch.stack([b["actions"][0] for b in items]).numpy()], device=device)
-    model = inverse_dynamics_model(3, len(effects)).to(device)
+    model = InverseDynamics(IDMConfig(effects, horizontal_of_effect.tolist(), store.meta["source"])).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
     for _ in tqdm(range(args.steps), desc="inverse dynamics", leave=False):
         frames, effect = batch(train, rng.integers(0, len(train), args.batch_size))
-        loss = F.cross_entropy(model(frames), effect)
+        loss = F.cross_entropy(model(frames[:, 0], frames[:, 1]), effect)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -502,7 +633,7 @@ def evaluate_idm(args, device):
         picks = rng.choice(len(val), min(args.transitions, len(val)), replace=False)
         for i in range(0, len(picks), args.batch_size):
             frames, effect = batch(val, picks[i:i + args.batch_size])
-            predicted.append(model(frames).argmax(1).cpu())
+            predicted.append(model(frames[:, 0], frames[:, 1]).argmax(1).cpu())
             true.append(effect.cpu())
     predicted, true = torch.cat(predicted).numpy(), torch.cat(true).numpy()
     results = {"steps": args.steps, "transitions": len(true), "effects": effects,
@@ -510,13 +641,77 @@ def evaluate_idm(args, device):
                "horizontal_accuracy": float((horizontal_of_effect[predicted] == horizontal_of_effect[true]).mean()),
                "nmi_effect": normalised_mutual_information(true, predicted),
                "effect_majority": float(np.bincount(true).max() / len(true))}
-    json_path = Path(args.json or "results/idm_eval.json")
+    json_path, out = Path(args.json or "results/idm_eval.json"), Path(args.out or idm_folder(store.path))
     atomic_write_text(json_path, json.dumps(results, indent=1))
+    save_model(model, out)
     print(f"inverse dynamics from two frames, {args.steps} steps, {len(true)} held-out transitions: effect accuracy "
           f"{results['effect_accuracy']:.1%} (majority {results['effect_majority']:.1%}), horizontal "
           f"{results['horizontal_accuracy']:.1%}, NMI with the effects {results['nmi_effect']:.3f}")
-    print(f"wrote {json_path}")
+    print(f"wrote {json_path} and the model {out} (evaluate.py genie and dit read the worlds' frames with it)")
     return results
+
+
+HORIZONTAL = ("left", "none", "right")
+
+
+@torch.no_grad()
+def following_figures(idm, world_rollout, prompts, held, batch_size):
+    """How well a world follows the actions it is given, read off its frames by the IDM (trained on real frames):
+    from each prompt, each horizontal class (left, none, right) is held for the clip's length through the world's
+    action for it, and the IDM names the class each generated transition shows.
+
+    idm: InverseDynamics; world_rollout(prompt clips (B, P, 3, H, W) in [-1, 1], class (int)) -> the clip it made
+    (B, L + 1, 3, H, W): the last prompt frame then L generated ones, or None when the world has no action for that
+    class; prompts: held-out clips (N, P, 3, H, W) uint8 whose last frame is the one the world continues; held: {class: real held-out clips (M, L + 1, 3, H, W) uint8 during which the true
+    actions all had that class}, for the ceiling. -> following_accuracy (mean over the classes of the share of
+    generated transitions read as the class held), following_ceiling (the same reading of the real clips),
+    per-class figures of both."""
+    device = next(idm.parameters()).device
+
+    def read(clips):  # (B, L + 1, 3, H, W) floats -> the IDM's horizontal class of each transition (B, L)
+        return idm.horizontal(clips[:, :-1].flatten(0, 1), clips[:, 1:].flatten(0, 1)).view(len(clips), -1)
+
+    generated, ceiling = {}, {}
+    for c, name in enumerate(HORIZONTAL):
+        hits = []
+        for i in range(0, len(prompts), batch_size):
+            clips = world_rollout(from_uint8(prompts[i:i + batch_size].to(device)), c)
+            if clips is None:
+                break
+            hits.append((read(clips.float()) == c).float().mean().item())
+        if hits:
+            generated[name] = float(np.mean(hits))
+        if len(held.get(c, [])):
+            clips = held[c]
+            ceiling[name] = float(np.mean([(read(from_uint8(clips[i:i + batch_size].to(device))) == c).float()
+                                           .mean().item() for i in range(0, len(clips), batch_size)]))
+    return {"following_accuracy": float(np.mean(list(generated.values()))) if generated else None,
+            "following_ceiling": float(np.mean(list(ceiling.values()))) if ceiling else None,
+            "following_by_class": generated, "following_ceiling_by_class": ceiling}
+
+
+def held_clips(store, length, names, count, rng):
+    """Real held-out clips of `length` frames during whose transitions the true action's horizontal class stayed the
+    same -> {class: (M, length, 3, H, W) uint8}, at most `count` of each, picked by rng."""
+    horizontal = effect_classes(names, store.meta["source"])[2]
+    dataset = WindowDataset(store, length, split="val")
+    actions = np.asarray(store.actions)
+    found = {c: [] for c in range(len(HORIZONTAL))}
+    for start in rng.permutation(dataset.starts):
+        classes = set(horizontal[actions[start:start + length - 1]].tolist())
+        if len(classes) == 1 and len(found[c := classes.pop()]) < count:
+            found[c].append(start)
+    return {c: torch.stack([store.window(int(s), length)["frames"] for s in starts])
+            for c, starts in found.items() if starts}
+
+
+def class_actions(meaning):
+    """A world's action for each horizontal class (left, none, right), from what its actions mean (play.py's key
+    map: ArrowLeft, ArrowDown for none, ArrowRight) -> {class: action}; a class without one is left out."""
+    from play import default_keymap
+    keymap = default_keymap(meaning)
+    chosen = {c: keymap[key] for c, key in enumerate(("ArrowLeft", "ArrowDown", "ArrowRight"))}
+    return {c: a for c, a in chosen.items() if a >= 0}
 
 
 def draw_curves(path, curves, title, xlabel="horizon step", ylabel="PSNR (dB)", log_y=False):
@@ -575,12 +770,15 @@ def plot_logs(args):
 def evaluate_dit(args, device):
     vae, model, action_model = load_world(args.models, device)
     conditioned = model.config.num_actions > 0
-    if conditioned and action_model is None:
+    true_actions = conditioned and model.config.actions == "true"
+    if conditioned and not true_actions and action_model is None:
         raise UserError(f"{args.models}/dit takes latent actions: put the LAM it was trained with (train_dit.py --lam) "
                         f"in {Path(args.models) / 'lam'} to evaluate it")
     c = vae.config
     store = open_frames(args.data, size=(c.width, c.height))
     require_size(store, c.width, c.height)
+    if true_actions:
+        check_game(store, model.config, args.data)
     windows = WindowDataset(store, args.prompt_frames + args.horizon, split="val")
     picks = np.linspace(0, len(windows) - 1, min(args.clips, len(windows))).round().astype(int)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -602,18 +800,22 @@ def evaluate_dit(args, device):
         prompt, truth = frames[:, :args.prompt_frames], frames[:, args.prompt_frames:]
         draws, means = encode_clips(vae, model, frames, generator)  # (B, P + H, N, C) each
         context = draws[:, :args.prompt_frames]
-        led_to = inferred_actions(action_model, model, means) if conditioned else None  # (B, P + H)
+        if true_actions:  # the recorded actions: actions[:, k] was taken at frame k
+            led_to = model.led_to(torch.stack([clip["actions"] for clip in clips]).to(device))  # (B, P + H)
+        else:
+            led_to = inferred_actions(action_model, model, means) if conditioned else None
         samples = []  # K continuations of the same context: (B, H) PSNRs each; the first is the reported one
         for k in range(args.samples):
             decoded = continue_clips(context, led_to)
             if k == 0:
                 first = decoded
             samples.append(psnr(decoded, truth).cpu())
-        if conditioned:  # the same prompt, led on by random latent actions: what the actions are worth
+        if conditioned:  # the same prompt, led on by random actions: what the actions are worth
             shuffled = led_to.clone()
             shuffled[:, args.prompt_frames:] = torch.randint(0, model.config.num_actions, truth.shape[:2],
                                                              device=device, generator=generator)
             sums["random_action_psnr"] += psnr(continue_clips(context, shuffled), truth).sum(0).cpu()
+        if conditioned and not true_actions:
             latent.append(led_to[:, 1:].flatten().cpu())
             first_clip = means[:, :model.config.lam_clip_len]  # one clip of the length the LAM labels
             decoder_errors.append(lam_decoder_errors(action_model, first_clip, led_to[:, 1:first_clip.shape[1]],
@@ -640,7 +842,8 @@ def evaluate_dit(args, device):
     if conditioned:
         inferred, shuffled = result["psnr"], result["random_action_psnr"]
         result.update(rollout_psnr=inferred, delta_psnr_t4=inferred[t4] - shuffled[t4],
-                      delta_psnr_long=inferred[-1] - shuffled[-1])
+                      delta_psnr_long=inferred[-1] - shuffled[-1], actions=model.config.actions)
+    if conditioned and not true_actions:
         latent = torch.cat(latent).numpy()
         usage = np.bincount(latent, minlength=model.config.num_actions) / len(latent)
         result.update(lam_usage=usage.tolist(), lam_codes_used=int((usage >= 0.02).sum()),
@@ -655,7 +858,8 @@ def evaluate_dit(args, device):
         write_meaning(Path(args.models), args.data, len(latent), result["meaning"])
     plot = json_path.with_suffix(".png")
     steps = range(1, args.horizon + 1)
-    curves = {"DiT" + (", inferred actions" if conditioned else ""): (steps, result["psnr"]),
+    curves = {"DiT" + (", recorded actions" if true_actions else ", inferred actions" if conditioned else ""):
+              (steps, result["psnr"]),
               "copy last prompt frame": (steps, result["baseline_psnr"]),
               "VAE reconstruction": (steps, result["recon_psnr"]),
               "copy last prompt latent": (steps, result["latent_copy_psnr"])}
@@ -673,7 +877,10 @@ def evaluate_dit(args, device):
     for h in range(args.horizon):
         print(f"  {h + 1:4d} " + " ".join(f"{result[key][h]:{max(7, len(name))}.{3 if 'ssim' in key else 2}f}"
                                           for key, name in columns))
-    if conditioned:
+    if true_actions:
+        print(f"Delta PSNR (recorded - random true actions): t={t4 + 1} {result['delta_psnr_t4']:+.2f} dB, "
+              f"t={args.horizon} {result['delta_psnr_long']:+.2f} dB")
+    elif conditioned:
         print(f"Delta PSNR (inferred - random latent actions): t={t4 + 1} {result['delta_psnr_t4']:+.2f} dB, "
               f"t={args.horizon} {result['delta_psnr_long']:+.2f} dB; latent actions used "
               f"{result['lam_codes_used']} of {model.config.num_actions}")
@@ -702,6 +909,8 @@ def main():
     p.add_argument("--cfg_scale", type=float, default=dynamics.CFG_SCALE,
                    help=f"classifier-free guidance of the latent actions, 1 = none (default {dynamics.CFG_SCALE:g})")
     p.add_argument("--json", help="where to write the figures (default results/genie_eval.json)")
+    p.add_argument("--idm", help="the inverse dynamics model that reads the world's frames for the following figure "
+                                 "(default: DATA_idm, made by evaluate.py idm DATA)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clip choice and the sampling")
     p = sub.add_parser("vae", help="reconstruction PSNR and SSIM of the ViT-VAE on held-out frames")
@@ -737,6 +946,8 @@ def main():
     p.add_argument("--transitions", type=positive(int), default=2048,
                    help="held-out transitions to score (default 2048)")
     p.add_argument("--json", help="where to write the figures (default results/idm_eval.json)")
+    p.add_argument("--out", help="where to save the model, which genie and dit use to read the worlds' frames "
+                                 "(default: beside DATA, DATA_idm)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     p = sub.add_parser("plot", help="training curves from logs/*.json (e.g. a run at 1x, 2x, 4x the steps)")

@@ -104,10 +104,12 @@ def main():
     parser.add_argument("--prompt_frames", type=positive(int), default=16, help="frames of prompt (default 16)")
     parser.add_argument("--num_frames", type=positive(int),
                         help="frames to generate (default: one per --actions, else 48)")
-    parser.add_argument("--actions", help="a DiT trained with --lam: the latent action leading to each generated "
-                                          "frame, e.g. '3,3,1,0', or several such sequences separated by '/', shown "
-                                          "side by side (default: the LAM's reading of the true continuation where "
-                                          "the video has one, else random actions)")
+    parser.add_argument("--actions", help="a DiT trained with --lam or --actions true: the action leading to each "
+                                          "generated frame, e.g. '3,3,1,0' (a true-action world also takes the "
+                                          "game's action names: 'RIGHT,RIGHT,LEFT+UP'), or several such sequences "
+                                          "separated by '/', shown side by side (default: the true continuation's "
+                                          "actions, as recorded or as the LAM reads them, where the video has one; "
+                                          "else random actions)")
     parser.add_argument("--cfg_scale", type=float, default=CFG_SCALE,
                         help="classifier-free guidance of the actions: 1 = none, larger follows them more "
                              f"(default {CFG_SCALE:g})")
@@ -132,9 +134,10 @@ def main():
     actions = None
     if args.actions is not None:
         if not num_actions:
-            raise UserError(f"{args.models}: this DiT takes no latent actions (train it with train_dit.py --lam to "
-                            f"steer it); leave out --actions")
-        actions = [parse_actions(sequence, num_actions) for sequence in args.actions.split("/")]
+            raise UserError(f"{args.models}: this DiT takes no actions (train it with train_dit.py --lam or "
+                            f"--actions true to steer it); leave out --actions")
+        actions = [parse_actions(sequence, num_actions, model.config.action_names)
+                   for sequence in args.actions.split("/")]
         if {len(a) for a in actions} != {args.num_frames or len(actions[0])}:
             raise UserError(f"--actions gives {'/'.join(str(len(a)) for a in actions)} actions for "
                             f"{args.num_frames or len(actions[0])} frames: give one per generated frame")
@@ -149,7 +152,12 @@ def main():
 
     # the prompt window (never across an episode boundary), with the true continuation after it when it is shown or
     # when the LAM reads the actions from it (then only where the video has one)
-    read_truth = actions is None and action_model is not None
+    true_actions = model.config.actions == "true" and num_actions > 0
+    if true_actions and store.has_actions and store.meta["source"] != model.config.game:
+        raise UserError(f"{args.prompt_video} holds {store.meta['source']}, the DiT was trained on the actions of "
+                        f"{model.config.game}")
+    recorded = true_actions and store.has_actions  # the prompt's own actions lead the context
+    read_truth = actions is None and (action_model is not None or recorded)
     lengths = [args.prompt_frames + num_frames] * (args.side_by_side or read_truth) + \
         [args.prompt_frames] * (not args.side_by_side)
     for length in lengths:
@@ -173,16 +181,23 @@ def main():
     with torch.no_grad(), autocast(device):
         clip = from_uint8(torch.from_numpy(truth).to(device).permute(0, 3, 1, 2))[None]  # (1, T, 3, H, W)
         draws, means = encode_clips(vae, model, clip, generator)
-        led_to = inferred_actions(action_model, model, means) if action_model is not None else None  # (1, T)
+        led_to = None  # (1, T): the action that led to each frame of the clip
+        if recorded:
+            led_to = model.led_to(torch.from_numpy(np.array(store.actions[start:start + length]))[None].to(device))
+        elif action_model is not None:
+            led_to = inferred_actions(action_model, model, means)
         if actions is not None:
             sequences, source = torch.tensor(actions, device=device), "--actions"  # (S, F): S sequences
         elif led_to is not None and length > args.prompt_frames:
-            sequences, source = led_to[:, args.prompt_frames:], "the LAM's reading of the true continuation"
+            sequences = led_to[:, args.prompt_frames:]
+            source = "the true continuation's" if recorded else "the LAM's reading of the true continuation"
         else:
             sequences = torch.randint(0, max(1, num_actions), (1, num_frames), device=device, generator=generator)
             source = "random"
         if num_actions:
-            print(f"latent actions ({source}): {'/'.join(','.join(map(str, a)) for a in sequences.tolist())}")
+            names = model.config.action_names or [str(a) for a in range(num_actions)]
+            print(f"{'true' if true_actions else 'latent'} actions ({source}): "
+                  f"{'/'.join(','.join(names[a] for a in sequence) for sequence in sequences.tolist())}")
         sampler = Sampler(model, args.steps, args.context_t, cfg_scale=args.cfg_scale)
         noise = generator.get_state()  # each sequence of actions continues the prompt with the same noise
         started = time.time()

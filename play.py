@@ -109,8 +109,9 @@ class GenieWorld(World):
     @classmethod
     def load(cls, models, device=None, **options):
         device = get_device(device)
-        return cls(load_model(Tokenizer, Path(models) / "tokenizer", device),
-                   load_model(Dynamics, Path(models) / "dynamics", device), meaning=read_meaning(models), **options)
+        dynamics = load_model(Dynamics, Path(models) / "dynamics", device)
+        return cls(load_model(Tokenizer, Path(models) / "tokenizer", device), dynamics,
+                   meaning=world_meaning(models, dynamics.config), **options)
 
     def compile(self):
         """Compile what runs for every step (utils.compile_step), for this world and those it spawns: the dynamics'
@@ -155,9 +156,9 @@ class DiffusionWorld(World):
         device = get_device(device)
         vae, model, _ = load_world(models, device)
         if not model.config.num_actions:
-            raise UserError(f"{models}/dit takes no latent actions, so it cannot be played: train it with "
-                            f"train_dit.py --lam")
-        return cls(vae, model, meaning=read_meaning(models), **options)
+            raise UserError(f"{models}/dit takes no actions, so it cannot be played: train it with train_dit.py --lam "
+                            f"or --actions true")
+        return cls(vae, model, meaning=world_meaning(models, model.config), **options)
 
     def compile(self):
         compile_world(self.vae, self.model, self.device)
@@ -202,6 +203,16 @@ KEY_EFFECTS = {"ArrowLeft": ["left"], "ArrowRight": ["right"], "ArrowUp": ["jump
                "ArrowDown": ["down", "none"]}
 
 
+def world_meaning(models, config):
+    """What each action of a world does: for one trained on the game's true actions, what its name says
+    (evaluate.action_effect), with the name; for a latent world, read_meaning."""
+    if config.actions != "true":
+        return read_meaning(models)
+    from evaluate import action_effect
+    return [dict(action=a, effect=action_effect(name, config.game)[1], share=1.0, name=name)
+            for a, name in enumerate(config.action_names)]
+
+
 def read_meaning(models):
     """What each latent action most often did on held-out data, as evaluate.py (genie or dit) wrote it to
     MODELS/meaning.json:
@@ -217,21 +228,24 @@ def read_meaning(models):
 
 
 def action_labels(meaning, num_actions):
-    """A label per latent action: '3: right + jump (71 %)' with a meaning, '3' without."""
-    effects = {m["action"]: f"{m['effect']} ({m['share']:.0%})" for m in meaning or []}
+    """A label per action: '3: right + jump (71 %)' with a latent world's meaning, '5: UP' in a true-action world,
+    '3' without."""
+    effects = {m["action"]: m.get("name") or f"{m['effect']} ({m['share']:.0%})" for m in meaning or []}
     return [f"{a}: {effects[a]}" if a in effects else str(a) for a in range(num_actions)]
 
 
 def default_keymap(meaning):
-    """The arrow keys and space -> the latent action that means what the key asks for (KEY_EFFECTS): of those whose
-    effect is exactly that, else of those whose effect includes it, the one with the largest share; -1 for none."""
+    """The arrow keys and space -> the action that means what the key asks for (KEY_EFFECTS): of those whose effect is
+    exactly that, else of those whose effect includes it, the one with the largest share (of a game's own actions,
+    all sure, NOOP and then the shortest name: LEFT rather than DOWN+LEFT, which procgen plays alike); -1 for none."""
     keymap = {}
     for key, wanted in KEY_EFFECTS.items():
         keymap[key] = -1
         for matches in (lambda m, w: m["effect"] == w, lambda m, w: w in m["effect"].split(" + ")):
             found = [m for w in wanted for m in meaning or [] if matches(m, w)]
             if found:
-                keymap[key] = max(found, key=lambda m: m["share"])["action"]
+                keymap[key] = max(found, key=lambda m: (m["share"], m.get("name") == "NOOP",
+                                                        -len(m.get("name", ""))))["action"]
                 break
     return keymap
 
@@ -275,16 +289,21 @@ def play_batch(world, first, actions, out):
 
 
 def play_terminal(world, new_prompt, out):
-    """Keys 0..N-1 step the world, r resets to a new prompt frame, q quits; the frame is written after every step.
-    Reads single keys from a terminal, or characters from piped input."""
+    """Keys 0..9 step the world by that action and, once the world's actions have a meaning, the arrows and space by
+    the action they stand for (default_keymap); r resets to a new prompt frame, q quits; the frame is written after
+    every step. Reads single keys from a terminal, or characters from piped input."""
     keys = sys.stdin
     if sys.stdin.isatty():
         import termios
         import tty
         saved = termios.tcgetattr(sys.stdin)
         tty.setcbreak(sys.stdin)
-    print(f"keys: 0-{world.num_actions - 1} act ({', '.join(action_labels(world.meaning, world.num_actions))}), "
-          f"r reset, q quit; current frame: {out / 'current.png'}")
+    keymap = {k: a for k, a in default_keymap(world.meaning).items() if a >= 0} if world.meaning else {}
+    arrows = {"[A": "ArrowUp", "[B": "ArrowDown", "[C": "ArrowRight", "[D": "ArrowLeft"}  # after ESC
+    labels = action_labels(world.meaning, world.num_actions)
+    keys_named = "".join(f", {'space' if k == ' ' else k[5:].lower()} {labels[a]}" for k, a in keymap.items())
+    print(f"keys: 0-{min(9, world.num_actions - 1)} act ({', '.join(labels)}){keys_named}, r reset, q quit; "
+          f"current frame: {out / 'current.png'}")
     try:
         frame, step = world.reset(new_prompt()[None])[0], 0
         save_frame(out / "current.png", frame)
@@ -292,15 +311,16 @@ def play_terminal(world, new_prompt, out):
             key = keys.read(1)
             if key in ("", "q"):
                 break
+            action = int(key) if key.isdigit() else keymap.get(arrows.get(keys.read(2)) if key == "\x1b" else key)
             if key == "r":
                 frame, step = world.reset(new_prompt()[None])[0], 0
-            elif key.isdigit() and int(key) < world.num_actions:
-                frame, step = world.step([int(key)])[0], step + 1
+            elif action is not None and action < world.num_actions:
+                frame, step = world.step([action])[0], step + 1
                 save_frame(out / f"step_{step:04d}.png", frame)
             else:
                 continue
             save_frame(out / "current.png", frame)
-            print(f"step {step}: {'reset' if key == 'r' else f'action {key}'}", flush=True)
+            print(f"step {step}: {'reset' if key == 'r' else f'action {labels[action]}'}", flush=True)
     finally:
         if sys.stdin.isatty():
             termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
@@ -464,12 +484,14 @@ def serve_web(world, new_prompt, host, port, open_browser, max_sessions=16):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Play a trained world with its latent actions: a Genie world "
-                                                 "(train_genie.py) or a diffusion world (train_dit.py --lam).")
+    parser = argparse.ArgumentParser(description="Play a trained world: a Genie world (train_genie.py) or a diffusion "
+                                                 "world (train_dit.py --lam, or --actions true), with its latent "
+                                                 "actions or with the game's own keys.")
     parser.add_argument("--models", default="models/genie",
                         help="folder with tokenizer/ and dynamics/ (train_genie.py), or with vae2/, dit/ and lam/ "
                              "(a diffusion world; default models/genie)")
-    parser.add_argument("--actions", help="batch mode: comma-separated latent actions, e.g. '3,3,1,0'")
+    parser.add_argument("--actions", help="batch mode: comma-separated actions, e.g. '3,3,1,0'; a world trained on "
+                                          "the game's true actions also takes their names, e.g. 'RIGHT,RIGHT,UP'")
     parser.add_argument("--image", help="prompt frame (PNG/JPEG, resized to the world's frame size)")
     parser.add_argument("--use_dataset_frame", action="store_true",
                         help="prompt with a random frame of --data's held-out levels (the default without --image)")
@@ -506,7 +528,8 @@ def main():
     if args.compile:
         world.compile()
         print("--compile: the first step compiles, which takes a minute or two", file=sys.stderr, flush=True)
-    actions = parse_actions(args.actions, world.num_actions) if args.actions is not None else None
+    names = [m["name"] for m in world.meaning] if world.meaning and "name" in world.meaning[0] else ()
+    actions = parse_actions(args.actions, world.num_actions, names) if args.actions is not None else None
     rng = np.random.default_rng(args.seed)
     first = prompt_frame(args, rng, world.frame_size)
     out = Path(args.output_dir)

@@ -79,6 +79,11 @@ def main():
                              "them (0 = off, default)")
     parser.add_argument("--rollout_steps", type=positive(int), default=4,
                         help="Euler steps per frame of the context-forcing rollout (default 4)")
+    parser.add_argument("--actions", choices=["latent", "true"], default="latent",
+                        help="what each frame is conditioned on: latent, the actions of --lam (without --lam, "
+                             "nothing: an unconditioned DiT); true, the game's own actions recorded in the store "
+                             "(procgen, ALE: download.py), so that the world plays with the game's keys "
+                             "(default latent)")
     parser.add_argument("--lam", help="a latent action model folder (train_lam.py) whose actions the DiT learns to "
                                       "follow (default: none, an unconditioned DiT)")
     parser.add_argument("--lam_seq_len", type=positive(int), default=4,
@@ -101,7 +106,16 @@ def main():
     # the latent grid is the VAE's; --seq_len, when given, overrides the preset's
     config = dataclasses.replace(config, rows=vae.config.rows, cols=vae.config.cols, latent_dim=vae.config.latent_dim,
                                  latent_scale=float(latents.scale), seq_len=args.seq_len or config.seq_len)
-    if args.lam:
+    if args.actions == "true":
+        if args.lam:
+            raise UserError("--actions true conditions on the store's true actions: leave out --lam")
+        if not latents.has_actions:
+            raise UserError(f"{args.data} has no true actions (a store from a game collector, download.py procgen:... "
+                            f"or ale:..., has them); train on latent actions with --lam instead")
+        config = dataclasses.replace(config, num_actions=int(latents.meta["num_actions"]), actions="true",
+                                     action_names=list(latents.meta.get("action_names") or []),
+                                     game=str(latents.meta["source"]))
+    elif args.lam:
         if args.lam_seq_len < 2:
             raise UserError("--lam_seq_len must be at least 2 (a clip of one frame holds no transition)")
         action_model = rank_zero_first(lambda: open_latent_actions(latents, args.lam, device, args.lam_seq_len))
@@ -127,7 +141,8 @@ def main():
     rollouts = dit.Sampler(model, args.rollout_steps)  # context forcing's; its cache is made once
 
     def loss_fn(net, batch, step):
-        x1, frame_weight, actions = sample_latents(batch, config.latent_scale), None, batch.get("latent_actions")
+        x1, frame_weight = sample_latents(batch, config.latent_scale), None
+        actions = batch.get("actions" if config.actions == "true" else "latent_actions")
         if args.context_forcing:
             # the model's own sampler; the memory planner's fake copy of the model (training.step_settings) gets one
             # of its own, so that no fake tensor lands in the real sampler's cache

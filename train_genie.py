@@ -19,6 +19,7 @@ weights as an uninterrupted run (see training.py).
 """
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from tqdm import tqdm
 import dynamics
 import lam
 import vae
-from dataset import LATENT_ACTIONS, TOKENS, FrameStore, TokenStore, WindowDataset, label_transitions, model_id, \
+from dataset import ACTIONS, LATENT_ACTIONS, TOKENS, FrameStore, TokenStore, WindowDataset, label_transitions, model_id, \
     write_meta
 from download import collect_procgen
 from training import add_training_flags, distributed, rank_zero_first, train_loop
@@ -56,7 +57,7 @@ def train(phase, model, loss_fn, dataset, args, device):
     args = argparse.Namespace(**{**vars(args), **PHASE_DEFAULTS[args.preset][phase],
                                  **{k: getattr(args, k) for k in ("steps", "lr") if getattr(args, k) is not None}})
     train_loop(model, loss_fn, dataset, args, device, Path(args.out) / phase, Path(args.out) / "logs" / f"{phase}.json",
-               name=phase, project="gameworld-genie", unchanged={"data", "out", "phase", "frames", "set"})
+               name=phase, project="gameworld-genie", unchanged={"data", "out", "phase", "frames", "set", "actions"})
 
 
 def model_config(phase, args):
@@ -90,6 +91,10 @@ def main():
                              "default 3e-4)")
     parser.add_argument("--lam_seq_len", type=positive(int), help="frames per LAM training clip (tiny 4, default 16)")
     parser.add_argument("--frames", type=positive(int), help="collect: CoinRun frames (tiny 50k, default 1M)")
+    parser.add_argument("--actions", choices=["latent", "true"], default="latent",
+                        help="dynamics: the actions each frame is conditioned on: latent, the LAM's (the lam phase's, "
+                             "in --out); true, the game's own, recorded in the store, so that the world plays with the "
+                             "game's keys and needs no LAM (default latent)")
     add_training_flags(parser)
     args = parser.parse_args()
     apply_defaults(args, DEFAULTS[args.preset])
@@ -125,25 +130,37 @@ def main():
               WindowDataset(store, args.lam_seq_len), args, device)
 
     if "dynamics" in phases:
-        tokens = rank_zero_first(lambda: open_tokens(frames_store(args), out, args.lam_seq_len, device))
+        store, true_actions = frames_store(args), args.actions == "true"
+        if true_actions and not store.has_actions:
+            raise UserError(f"--actions true: {args.data} has no true actions (a store from a game collector, "
+                            f"download.py procgen:... or ale:..., has them)")
+        tokens = rank_zero_first(lambda: open_tokens(store, out, args.lam_seq_len, device, labels=not true_actions))
         config = dataclasses.replace(model_config("dynamics", args),
                                      vocab_size=load_model(vae.Tokenizer, out / "tokenizer").config.num_codes,
-                                     num_actions=load_model(lam.LatentActionModel, out / "lam").config.num_actions,
                                      rows=tokens.grid[0], cols=tokens.grid[1])
+        if true_actions:
+            config = dataclasses.replace(config, num_actions=int(store.meta["num_actions"]), actions="true",
+                                         action_names=list(store.meta.get("action_names") or []),
+                                         game=str(store.meta["source"]))
+        else:
+            config = dataclasses.replace(
+                config, num_actions=load_model(lam.LatentActionModel, out / "lam").config.num_actions)
+        key = "actions" if true_actions else "latent_actions"
         seed_everything(args.seed)
         model = build(dynamics.Dynamics, config).to(device)
-        train("dynamics", model, lambda net, b, step: net(b["tokens"], b["latent_actions"]),
+        train("dynamics", model, lambda net, b, step: net(b["tokens"], b[key]),
               WindowDataset(tokens, config.context), args, device)
 
 
 @torch.no_grad()
-def tokenize(store, out, lam_seq_len, device, batch_size=64):
-    """The frozen tokenizer's tokens of every frame of `store` and the frozen LAM's action for every transition, into a
-    token store at models/tokens (dataset.TokenStore), which the dynamics trains from. The LAM labels each episode in
-    clips of lam_seq_len frames that overlap by one, so each transition is labelled once, having seen the frames of its
-    clip up to it, as in the LAM's training."""
+def tokenize(store, out, lam_seq_len, device, labels, batch_size=64):
+    """The frozen tokenizer's tokens of every frame of `store`, with labels the frozen LAM's action for every
+    transition, and the store's true actions when it has them, into a token store at models/tokens
+    (dataset.TokenStore), which the dynamics trains from. The LAM labels each episode in clips of lam_seq_len frames
+    that overlap by one, so each transition is labelled once, having seen the frames of its clip up to it, as in the
+    LAM's training."""
     tokenizer = load_model(vae.Tokenizer, out / "tokenizer", device)
-    action_model = load_model(lam.LatentActionModel, out / "lam", device)
+    action_model = load_model(lam.LatentActionModel, out / "lam", device) if labels else None
     grid = tokenizer.config.grid
     with atomic_dir(out / "tokens") as tmp, autocast(device):
         tokens = np.memmap(tmp / TOKENS, np.uint16, "w+", shape=(store.count, grid, grid))
@@ -152,25 +169,28 @@ def tokenize(store, out, lam_seq_len, device, batch_size=64):
             tokens[start:start + len(frames)] = tokenizer.encode(frames).cpu().numpy()
         tokens.flush()
         del tokens
-        actions = label_transitions(store, action_model.infer_actions, lam_seq_len,
-                                    lambda start, length: from_uint8(store.window(start, length)["frames"].to(device)),
-                                    batch_size)
-        np.save(tmp / LATENT_ACTIONS, actions)
+        if labels:
+            np.save(tmp / LATENT_ACTIONS, label_transitions(
+                store, action_model.infer_actions, lam_seq_len,
+                lambda start, length: from_uint8(store.window(start, length)["frames"].to(device)), batch_size))
+        if store.has_actions:
+            shutil.copyfile(store.path / ACTIONS, tmp / ACTIONS)
         write_meta(tmp, **store.meta, grid=[grid, grid], tokenizer_id=model_id(out / "tokenizer"),
-                   lam_id=model_id(out / "lam"), frames=str(store.path.resolve()))
+                   lam_id=model_id(out / "lam") if labels else "", frames=str(store.path.resolve()))
     return TokenStore(out / "tokens")
 
 
-def open_tokens(store, out, lam_seq_len, device):
-    """The token store of `store` under the models in `out`: made once, and again only when the tokenizer or the LAM
-    has changed."""
+def open_tokens(store, out, lam_seq_len, device, labels=True):
+    """The token store of `store` under the models in `out`: made once, and again only when the tokenizer has changed
+    or, with labels (the LAM's actions, for a dynamics on latent actions), when the LAM has."""
     try:
         tokens = TokenStore(out / "tokens")
-        stale = (tokens.tokenizer_id, tokens.lam_id, tokens.count, tokens.meta.get("frames")) != (
-            model_id(out / "tokenizer"), model_id(out / "lam"), store.count, str(store.path.resolve()))
+        stale = (tokens.tokenizer_id, tokens.count, tokens.meta.get("frames")) != (
+            model_id(out / "tokenizer"), store.count, str(store.path.resolve()))
+        stale = stale or (labels and tokens.lam_id != model_id(out / "lam"))
     except UserError:  # none yet, or an unusable one: made anew rather than trusted
         stale = True
-    return tokenize(store, out, lam_seq_len, device) if stale else tokens
+    return tokenize(store, out, lam_seq_len, device, labels) if stale else tokens
 
 
 if __name__ == "__main__":

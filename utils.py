@@ -87,15 +87,23 @@ def parse_size(text):
     return width, height
 
 
-def parse_actions(text, num_actions):
-    """'3,3,1' -> [3, 3, 1], each a latent action in [0, num_actions); UserError otherwise."""
-    try:
-        actions = [int(a) for a in text.split(",") if a.strip()]
-    except ValueError:
-        raise UserError(f"--actions must be comma-separated integers in [0, {num_actions}), not {text!r}") from None
+def parse_actions(text, num_actions, names=()):
+    """'3,3,1' -> [3, 3, 1], each an action in [0, num_actions); with the game's action names, a name stands for its
+    number ('RIGHT,RIGHT,LEFT+UP', any case). UserError otherwise."""
+    numbers = {name.upper(): k for k, name in enumerate(names)}
+    what = f"integers in [0, {num_actions})" + (f" or action names ({', '.join(names)})" if names else "")
+    actions = []
+    for item in (a.strip() for a in text.split(",") if a.strip()):
+        if item.upper() in numbers:
+            actions.append(numbers[item.upper()])
+            continue
+        try:
+            actions.append(int(item))
+        except ValueError:
+            raise UserError(f"--actions takes comma-separated {what}; {item!r} is neither") from None
     bad = [a for a in actions if not 0 <= a < num_actions]
     if bad or not actions:
-        raise UserError(f"--actions must be comma-separated integers in [0, {num_actions}); got {bad or text!r}")
+        raise UserError(f"--actions takes comma-separated {what}; got {bad or text!r}")
     return actions
 
 

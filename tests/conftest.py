@@ -1,6 +1,7 @@
 """Shared fixtures: real CoinRun frames collected once per test session, a real OpenCV-written video, and a helper
 that runs the project's scripts as the user would (a subprocess, exit code and stderr checked)."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,6 @@ def steerable_world(diffusion_data, tmp_path_factory):
     """A playable diffusion world as train_lam.py and train_dit.py --lam leave it: models/{vae2,lam,dit}, a tiny LAM
     and a tiny DiT conditioned on its actions, a few steps each on a copy of diffusion_data's latents (so that the
     labels written into the store do not meet other tests'). Returns the models folder."""
-    import shutil
     root = tmp_path_factory.mktemp("steerable")
     models, latents = root / "models", root / "coinrun_wide_latents"
     shutil.copytree(diffusion_data["vae"], models / "vae2")
@@ -120,5 +120,28 @@ def steerable_world(diffusion_data, tmp_path_factory):
     result = run("train_dit.py", latents, "--vae", models / "vae2", "--preset", "tiny", "--steps", 6, "--batch_size", 2,
                  "--seq_len", 6, "--lam", models / "lam", "--lam_seq_len", 3, "--num_workers", 0, "--out",
                  models / "dit", "--samples", root / "sample.mp4", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return models
+
+
+@pytest.fixture(scope="session")
+def true_genie(genie, tmp_path_factory):
+    """The genie fixture's tokenizer with a dynamics trained 20 steps on the store's true actions."""
+    models = tmp_path_factory.mktemp("true_genie") / "models"
+    shutil.copytree(genie / "models" / "tokenizer", models / "tokenizer")
+    result = run("train_genie.py", "--phase", "dynamics", "--actions", "true", "--preset", "tiny", "--steps", 20,
+                 "--batch_size", 8, "--data", genie / "coinrun", "--out", models, "--num_workers", 0, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return models
+
+
+@pytest.fixture(scope="session")
+def true_dit(diffusion_data, tmp_path_factory):
+    """A models folder with the diffusion fixture's VAE and a DiT trained 6 steps on the store's true actions."""
+    models = tmp_path_factory.mktemp("true_dit") / "models"
+    shutil.copytree(diffusion_data["vae"], models / "vae2")
+    result = run("train_dit.py", diffusion_data["latents"], "--vae", models / "vae2", "--actions", "true", "--preset",
+                 "tiny", "--steps", 6, "--batch_size", 2, "--seq_len", 6, "--num_workers", 0, "--out", models / "dit",
+                 "--samples", models.parent / "sample.mp4", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return models

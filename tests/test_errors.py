@@ -74,7 +74,7 @@ def test_bad_flag_values(args, message, coinrun_video, tmp_path):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("depht=4", "--set depht=4: DiTConfig has no field 'depht'; fields: action_dropout, cols, depth, dim,"),
+    ("depht=4", "--set depht=4: DiTConfig has no field 'depht'; fields: action_dropout, action_names, actions, cols, depth,"),
     ("depth=four", "--set depth=four: depth takes int values, like 2"),
     ("depth", "--set takes FIELD=VALUE, not 'depth'"),
     ("heads=5", "DiT: dim 64 / heads 5 must be a whole multiple of 4"),

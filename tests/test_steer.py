@@ -65,7 +65,7 @@ def test_evaluate_dit_measures_the_latent_actions(steerable_world, diffusion_dat
 def test_steering_user_errors(steerable_world, diffusion_data, tmp_path):
     store, output = diffusion_data["store"], tmp_path / "a.mp4"
     generate = ["generate.py", "--prompt_video", store, "--prompt_frames", 3, "--output", output]
-    assert_user_error(run(*generate, "--models", steerable_world, "--actions", "1,8"), "--actions must be")
+    assert_user_error(run(*generate, "--models", steerable_world, "--actions", "1,8"), "--actions takes comma-separated integers in [0, 8); got [8]")
     assert_user_error(run(*generate, "--models", steerable_world, "--cfg_scale", -1), "--cfg_scale must be")
     assert_user_error(run("evaluate.py", "dit", store, "--models", steerable_world, "--cfg_scale", -1,
                           "--json", tmp_path / "e.json"), "--cfg_scale must be")
@@ -82,7 +82,7 @@ def test_steering_user_errors(steerable_world, diffusion_data, tmp_path):
     unsteered = tmp_path / "unsteered"
     shutil.copytree(steerable_world / "vae2", unsteered / "vae2")
     save_model(DiT(DIT_PRESETS["tiny"]), unsteered / "dit")
-    assert_user_error(run(*generate, "--models", unsteered, "--actions", "1"), "takes no latent actions")
+    assert_user_error(run(*generate, "--models", unsteered, "--actions", "1"), "this DiT takes no actions")
     assert_user_error(run("play.py", "--models", unsteered, "--actions", "1", "--output_dir", tmp_path / "p"),
                       "cannot be played")
     assert not output.exists() and not (tmp_path / "p").exists() and not (tmp_path / "e.json").exists()

@@ -158,3 +158,42 @@ def test_play_in_a_real_browser(server, request, tmp_path):
         page.wait_for_function("document.getElementById('step').textContent === '0'")
         assert page.text_content("#error") == ""
         browser.close()
+
+
+def test_the_true_action_world_plays_with_the_arrow_keys(true_genie, genie, tmp_path):
+    """A Genie world trained on CoinRun's own actions: the page labels its 15 actions with their names and binds the
+    arrows to LEFT, RIGHT, UP (jump) and NOOP, with no evaluation needed."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"needs Debian's chromium package ({CHROMIUM})")
+    process = subprocess.Popen([sys.executable, "play.py", "--models", str(true_genie), "--data",
+                                str(genie / "coinrun"), "--port", "0", "--no_browser"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().split()[-1].rstrip("/")
+        status, session = request(url, "/api/session", {})
+        assert status == 200 and session["num_actions"] == 15
+        assert session["labels"][7] == "7: RIGHT" and session["labels"][2] == "2: LEFT+UP"
+        assert session["keymap"] == {"ArrowLeft": 1, "ArrowRight": 7, "ArrowUp": 5, " ": 5, "ArrowDown": 4}
+        from playwright.sync_api import sync_playwright
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.querySelectorAll('#actions button').length === 15")
+            assert page.text_content("#actions button[data-action='7']") == "7: RIGHT"
+            assert "the game's own actions" in page.text_content("#actions-hint")
+            assert page.input_value("select[data-key='ArrowRight']") == "7"
+            for step, key in enumerate(("ArrowRight", "ArrowRight", "ArrowUp", "ArrowLeft"), 1):
+                page.keyboard.press(key)
+                page.wait_for_function(f"document.getElementById('step').textContent === '{step}'")
+            page.keyboard.press("u")
+            page.wait_for_function("document.getElementById('step').textContent === '3'")
+            (ROOT / "results").mkdir(exist_ok=True)
+            page.screenshot(path=str(ROOT / "results" / "play_web_true_actions.png"))
+            assert page.text_content("#error") == ""
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
