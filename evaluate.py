@@ -53,6 +53,11 @@ genie on a world of the game's true actions (train_genie.py --actions true) repo
                                        the classes, next to the same reading of real held-out clips during which the
                                        true actions held one class (the ceiling). A world that ignores its actions
                                        scores a third; one as good as the game, the ceiling
+a latent Genie world adds, for each of --labels N (labelled training transitions, 0: all):
+  controls, key_labels,                the game's keys fitted from N labels (each latent action takes the effect it
+  following_accuracy,                  most often had among them; fit_controls) and the world's following figure
+  following_ceiling                    through them; the first N's keys go to MODELS/controls.json (play.py
+                                       --controls game) and its figures to the top level
 
 vae reports (-> results/vae_eval.json):
   psnr, ssim                           reconstruction decode(mu) of --frames held-out frames (the 'val' split: held-out
@@ -234,13 +239,48 @@ def latent_action_figures(latent, true, names, source, num_actions, rng):
                         f"nmi_effect{suffix}": normalised_mutual_information(effect, lat),
                         f"effect_accuracy{suffix}": mapping_accuracy(lat, effect),
                         f"horizontal_accuracy{suffix}": mapping_accuracy(lat, horizontal)})
-    figures["meaning"] = []
+    figures["meaning"] = meaning_table(latent, effect, effect_names, num_actions)
+    return figures
+
+
+def meaning_table(latent, effect, effect_names, num_actions):
+    """What each latent action most often did: latent actions (M,) and the effect classes of the same transitions
+    (M,) -> [{"action", "effect", "share", "count"}, ...], "unused" for an action none of them took."""
+    table = []
     for a in range(num_actions):
         counts = np.bincount(effect[latent == a], minlength=len(effect_names))
         top = int(counts.argmax())
-        figures["meaning"].append({"action": a, "effect": effect_names[top] if counts.sum() else "unused",
-                                   "share": float(counts[top] / max(1, counts.sum())), "count": int(counts.sum())})
-    return figures
+        table.append({"action": a, "effect": effect_names[top] if counts.sum() else "unused",
+                      "share": float(counts[top] / max(1, counts.sum())), "count": int(counts.sum())})
+    return table
+
+
+@torch.no_grad()
+def fit_controls(action_model, store, labels, clip_len, rng, batch_size, device):
+    """The game's keys for a latent world, from `labels` labelled transitions of the training levels (0: all of
+    them): the LAM labels clips of clip_len frames, and each latent action gets the effect it most often had among
+    them (keys_from_labels). -> {"labels", "meaning", "keymap"}."""
+    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+    dataset = WindowDataset(store, clip_len, split="train")
+    clips = len(dataset) if labels == 0 else min(len(dataset), -(-labels // (clip_len - 1)))
+    latent, true = [], []
+    for chunk in np.array_split(rng.choice(len(dataset), clips, replace=False), max(1, clips // batch_size)):
+        batch = [dataset[int(j)] for j in chunk]
+        latent.append(action_model.infer_actions(from_uint8(torch.stack([b["frames"] for b in batch]).to(device)))
+                      .flatten().cpu())
+        true.append(torch.stack([b["actions"][:-1] for b in batch]).flatten())
+    latent, true = torch.cat(latent).numpy()[:labels or None], torch.cat(true).numpy()[:labels or None]
+    return {"labels": len(latent), **keys_from_labels(latent, true, names, store.meta["source"],
+                                                      action_model.config.num_actions)}
+
+
+def keys_from_labels(latent, true, names, source, num_actions):
+    """Latent actions (M,) and the true actions (M,) of the same transitions, of a game whose actions are `names` ->
+    {"meaning": what each latent action most often did, "keymap": the game's keys -> latent actions}."""
+    from play import default_keymap
+    effect_names, effect_of, _ = effect_classes(names, source)
+    meaning = meaning_table(latent, effect_of[true], effect_names, num_actions)
+    return {"meaning": meaning, "keymap": default_keymap(meaning)}
 
 
 def draw_confusion(path, table, row_names, title):
@@ -353,6 +393,37 @@ def following_of(args, store, world_rollout, prompts, rng, device):
     return {**following_figures(idm, world_rollout, prompts, held, args.batch_size), "follow_frames": FOLLOW_FRAMES}
 
 
+def genie_holder(tokenizer, sampler, chosen, generator):
+    """following_figures' world_rollout of a Genie world whose action for each horizontal class is chosen[class]."""
+    def hold(prompt, c):  # prompt (B, 1, 3, H, W) -> it and FOLLOW_FRAMES frames under the class's action
+        if c not in chosen:
+            return None
+        actions = torch.full((len(prompt), FOLLOW_FRAMES), chosen[c], device=prompt.device)
+        return torch.cat([prompt[:, -1:], rollout(tokenizer, sampler, prompt[:, -1], actions, generator)], dim=1)
+    return hold
+
+
+def genie_controls(args, store, models, action_model, tokenizer, sampler, prompts, generator, device):
+    """The game's keys for a latent Genie world, fitted from each of --labels labelled training transitions
+    (fit_controls), and how the world follows them (following_figures) -> figures; the keys of the first --labels
+    go to MODELS/controls.json, where play.py --controls game finds them."""
+    controls = {}
+    for labels in args.labels:
+        fitted = fit_controls(action_model, store, labels, args.horizon + 1, np.random.default_rng(args.seed),
+                              args.batch_size, device)
+        chosen = class_actions(fitted["meaning"])
+        figures = following_of(args, store, genie_holder(tokenizer, sampler, chosen, generator), prompts,
+                               np.random.default_rng(args.seed), device)
+        controls[str(labels or "all")] = {"labels": fitted["labels"], "class_actions": chosen, **figures}
+        if labels == args.labels[0]:
+            atomic_write_text(models / "controls.json", json.dumps({"data": str(args.data), **fitted}, indent=1))
+        if not figures:
+            break  # no IDM: one note is enough
+    first = controls[str(args.labels[0] or "all")]
+    return {"controls": controls, "key_labels": first["labels"],
+            **{k: first.get(k) for k in ("following_accuracy", "following_ceiling", "follow_frames")}}
+
+
 @torch.no_grad()
 def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store):
     """A Genie world on the game's true actions (train_genie.py --actions true): its rollout under the recorded
@@ -388,13 +459,8 @@ def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store)
                    delta_psnr_t4=results["rollout_psnr"][t4] - results["random_action_psnr"][t4],
                    delta_psnr_long=results["rollout_psnr"][-1] - results["random_action_psnr"][-1])
     chosen = class_actions(world_meaning(models, dynamics_model.config))
-
-    def hold(prompt, c):  # prompt (B, 1, 3, H, W) -> it and FOLLOW_FRAMES frames under the class's action
-        if c not in chosen:
-            return None
-        actions = torch.full((len(prompt), FOLLOW_FRAMES), chosen[c], device=device)
-        return torch.cat([prompt[:, -1:], rollout(tokenizer, sampler, prompt[:, -1], actions, generator)], dim=1)
-    results.update(following_of(args, store, hold, torch.cat(prompts), rng, device), class_actions=chosen)
+    results.update(following_of(args, store, genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts),
+                                rng, device), class_actions=chosen)
     json_path = Path(args.json or "results/genie_eval.json")
     atomic_write_text(json_path, json.dumps(results, indent=1))
     print(f"held-out clips        {len(picks)} x {args.horizon + 1} frames of {args.data}; the world of "
@@ -441,7 +507,7 @@ def evaluate_genie(args, device):
     train_codes, train_true = lam_codes(action_model, WindowDataset(store, args.horizon + 1, split="train"),
                                         rng, args.clips, args.batch_size, device)
     tokenizer_psnr, codes, latent, true, val_codes, inferred_psnr, random_psnr, baseline_psnr, token_copy_psnr, \
-        exact = ([] for _ in range(10))
+        exact, prompts = ([] for _ in range(11))
     decoder_errors, decoder_generator = [], torch.Generator(device).manual_seed(args.seed + 1)
     lam_inferred_psnr, lam_random_psnr, lam_generator = [], [], torch.Generator(device).manual_seed(args.seed + 2)
     for i in range(0, len(picks), args.batch_size):
@@ -450,6 +516,7 @@ def evaluate_genie(args, device):
         z = action_model.encode(frames)  # (B, T - 1, C): the code before quantisation, for the probe
         actions = action_model.vq.nearest(z)  # (B, T - 1), as infer_actions
         latent.append(actions.flatten().cpu())
+        prompts.append(torch.stack([b["frames"][:1] for b in batch]))
         val_codes.append(z.flatten(0, 1).float().cpu())
         true.append(torch.stack([b["actions"][:-1] for b in batch]).flatten())
         decoder_errors.append(lam_decoder_errors(action_model, frames, actions, decoder_generator))
@@ -496,6 +563,8 @@ def evaluate_genie(args, device):
         inferred, shuffled = (torch.cat(x).mean(0) for x in (inferred_psnr, random_psnr))
         results.update(delta_psnr_t4=float(inferred[t4] - shuffled[t4]), delta_psnr_long=float(inferred[-1] - shuffled[-1]),
                        rollout_psnr=inferred.tolist(), random_action_psnr=shuffled.tolist())
+        results.update(genie_controls(args, store, models, action_model, tokenizer, sampler, torch.cat(prompts),
+                                      generator, device))
     table = np.zeros((len(names), num_actions), np.int64)
     np.add.at(table, (true, latent), 1)
     results["confusion"] = table.tolist()
@@ -535,6 +604,11 @@ def evaluate_genie(args, device):
         print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in values.tolist()))
     print(f"{'prompt frame again':<22}" + " ".join(f"{v:6.0%}" for v in results["baseline_exact"]) +
           " of the clips (copying scores 100 dB there)")
+    for name, figures in results.get("controls", {}).items():
+        if figures.get("following_accuracy") is not None:
+            print(f"keys from {figures['labels']:>6} labels  following {figures['following_accuracy']:.1%} (ceiling "
+                  f"{figures['following_ceiling']:.1%}); " + ", ".join(f"{k} {v:.0%}" for k, v in
+                                                                    figures["following_by_class"].items()))
     print(f"wrote {json_path}, {json_path.with_name(json_path.stem + '_confusion.png')} and {models / 'meaning.json'}")
     return results
 
@@ -662,7 +736,7 @@ def following_figures(idm, world_rollout, prompts, held, batch_size):
 
     idm: InverseDynamics; world_rollout(prompt clips (B, P, 3, H, W) in [-1, 1], class (int)) -> the clip it made
     (B, L + 1, 3, H, W): the last prompt frame then L generated ones, or None when the world has no action for that
-    class; prompts: held-out clips (N, P, 3, H, W) uint8 whose last frame is the one the world continues; held: {class: real held-out clips (M, L + 1, 3, H, W) uint8 during which the true
+    class (it then follows none of that class's transitions: 0); prompts: held-out clips (N, P, 3, H, W) uint8 whose last frame is the one the world continues; held: {class: real held-out clips (M, L + 1, 3, H, W) uint8 during which the true
     actions all had that class}, for the ceiling. -> following_accuracy (mean over the classes of the share of
     generated transitions read as the class held), following_ceiling (the same reading of the real clips),
     per-class figures of both."""
@@ -679,13 +753,12 @@ def following_figures(idm, world_rollout, prompts, held, batch_size):
             if clips is None:
                 break
             hits.append((read(clips.float()) == c).float().mean().item())
-        if hits:
-            generated[name] = float(np.mean(hits))
+        generated[name] = float(np.mean(hits)) if hits else 0.0
         if len(held.get(c, [])):
             clips = held[c]
             ceiling[name] = float(np.mean([(read(from_uint8(clips[i:i + batch_size].to(device))) == c).float()
                                            .mean().item() for i in range(0, len(clips), batch_size)]))
-    return {"following_accuracy": float(np.mean(list(generated.values()))) if generated else None,
+    return {"following_accuracy": float(np.mean(list(generated.values()))),
             "following_ceiling": float(np.mean(list(ceiling.values()))) if ceiling else None,
             "following_by_class": generated, "following_ceiling_by_class": ceiling}
 
@@ -911,6 +984,11 @@ def main():
     p.add_argument("--json", help="where to write the figures (default results/genie_eval.json)")
     p.add_argument("--idm", help="the inverse dynamics model that reads the world's frames for the following figure "
                                  "(default: DATA_idm, made by evaluate.py idm DATA)")
+    p.add_argument("--labels", type=int, nargs="+", default=[1000, 100, 0],
+                   help="a latent world: the game's keys are fitted from this many labelled transitions of the "
+                        "training levels, each count in turn (0: all of them), and the world's following figure "
+                        "measured through them; the first count's keys go to MODELS/controls.json for play.py "
+                        "--controls game (default 1000 100 0)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the clip choice and the sampling")
     p = sub.add_parser("vae", help="reconstruction PSNR and SSIM of the ViT-VAE on held-out frames")
@@ -955,6 +1033,8 @@ def main():
     p.add_argument("--key", default="loss", help="logged value to draw (default loss; e.g. recon, ce, flow)")
     p.add_argument("--out", default="results/curves.png", help="PNG to write (default results/curves.png)")
     args = parser.parse_args()
+    if any(n < 0 for n in getattr(args, "labels", [])):
+        raise UserError(f"--labels takes counts of labelled transitions, 0 for all, not {args.labels}")
     if getattr(args, "cfg_scale", 0) < 0:  # genie and dit
         raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
     if args.command == "plot":

@@ -107,11 +107,11 @@ class GenieWorld(World):
                          sampler or Sampler(dynamics, maskgit_steps, temperature, cfg_scale=cfg_scale), seed, meaning)
 
     @classmethod
-    def load(cls, models, device=None, **options):
+    def load(cls, models, device=None, controls="latent", **options):
         device = get_device(device)
         dynamics = load_model(Dynamics, Path(models) / "dynamics", device)
         return cls(load_model(Tokenizer, Path(models) / "tokenizer", device), dynamics,
-                   meaning=world_meaning(models, dynamics.config), **options)
+                   meaning=world_meaning(models, dynamics.config, controls), **options)
 
     def compile(self):
         """Compile what runs for every step (utils.compile_step), for this world and those it spawns: the dynamics'
@@ -152,13 +152,13 @@ class DiffusionWorld(World):
                          sampler or dit.Sampler(model, steps, cfg_scale=cfg_scale), seed, meaning)
 
     @classmethod
-    def load(cls, models, device=None, **options):
+    def load(cls, models, device=None, controls="latent", **options):
         device = get_device(device)
         vae, model, _ = load_world(models, device)
         if not model.config.num_actions:
             raise UserError(f"{models}/dit takes no actions, so it cannot be played: train it with train_dit.py --lam "
                             f"or --actions true")
-        return cls(vae, model, meaning=world_meaning(models, model.config), **options)
+        return cls(vae, model, meaning=world_meaning(models, model.config, controls), **options)
 
     def compile(self):
         compile_world(self.vae, self.model, self.device)
@@ -203,9 +203,20 @@ KEY_EFFECTS = {"ArrowLeft": ["left"], "ArrowRight": ["right"], "ArrowUp": ["jump
                "ArrowDown": ["down", "none"]}
 
 
-def world_meaning(models, config):
+def world_meaning(models, config, controls="latent"):
     """What each action of a world does: for one trained on the game's true actions, what its name says
-    (evaluate.action_effect), with the name; for a latent world, read_meaning."""
+    (evaluate.action_effect), with the name; for a latent world, read_meaning, or with controls "game" the keys
+    evaluate.py genie fitted from labelled transitions (MODELS/controls.json)."""
+    if config.actions != "true" and controls == "game":
+        path = Path(models) / "controls.json"
+        if not path.is_file():
+            raise UserError(f"--controls game: {path} does not exist; fit the game's keys to the latent actions with "
+                            f"python evaluate.py genie DATA --models {models}")
+        try:
+            return [dict(action=int(m["action"]), effect=str(m["effect"]), share=float(m["share"]))
+                    for m in json.loads(path.read_text())["meaning"]]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not the keys evaluate.py writes; delete it or rerun evaluate.py") from None
     if config.actions != "true":
         return read_meaning(models)
     from evaluate import action_effect
@@ -492,6 +503,12 @@ def main():
                              "(a diffusion world; default models/genie)")
     parser.add_argument("--actions", help="batch mode: comma-separated actions, e.g. '3,3,1,0'; a world trained on "
                                           "the game's true actions also takes their names, e.g. 'RIGHT,RIGHT,UP'")
+    parser.add_argument("--controls", choices=["latent", "game"], default="latent",
+                        help="a latent world's keys: latent, number keys press latent actions and the arrows those "
+                             "evaluate.py measured to mean left, right, jump, none (MODELS/meaning.json); game, the "
+                             "arrows and space as fitted from labelled transitions (MODELS/controls.json, by "
+                             "evaluate.py genie --labels). A world trained on the true actions has the game's own "
+                             "(default latent)")
     parser.add_argument("--image", help="prompt frame (PNG/JPEG, resized to the world's frame size)")
     parser.add_argument("--use_dataset_frame", action="store_true",
                         help="prompt with a random frame of --data's held-out levels (the default without --image)")
@@ -522,8 +539,9 @@ def main():
     seed_everything(args.seed)
     guidance = {} if args.cfg_scale is None else dict(cfg_scale=args.cfg_scale)
     world = load_any_world(args.models, args.device, {
-        "genie": dict(maskgit_steps=args.maskgit_steps, temperature=args.temperature, seed=args.seed, **guidance),
-        "diffusion": dict(steps=args.steps, seed=args.seed, **guidance)})
+        "genie": dict(maskgit_steps=args.maskgit_steps, temperature=args.temperature, seed=args.seed,
+                      controls=args.controls, **guidance),
+        "diffusion": dict(steps=args.steps, seed=args.seed, controls=args.controls, **guidance)})
     args.data = args.data or ("videos/coinrun" if isinstance(world, GenieWorld) else "videos/coinrun_wide")
     if args.compile:
         world.compile()
