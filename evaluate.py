@@ -262,7 +262,8 @@ def fit_controls(action_model, store, labels, clip_len, rng, batch_size, device)
     them (keys_from_labels). -> {"labels", "meaning", "keymap"}."""
     names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
     dataset = WindowDataset(store, clip_len, split="train")
-    clips = len(dataset) if labels == 0 else min(len(dataset), -(-labels // (clip_len - 1)))
+    # random clips, as many as hold the labels; for all of them, one clip per clip_len - 1 frames of the levels
+    clips = len(dataset) // (clip_len - 1) if labels == 0 else min(len(dataset), -(-labels // (clip_len - 1)))
     latent, true = [], []
     for chunk in np.array_split(rng.choice(len(dataset), clips, replace=False), max(1, clips // batch_size)):
         batch = [dataset[int(j)] for j in chunk]
