@@ -256,10 +256,11 @@ def meaning_table(latent, effect, effect_names, num_actions):
 
 
 @torch.no_grad()
-def fit_controls(action_model, store, labels, clip_len, rng, batch_size, device):
+def fit_controls(infer, num_actions, store, labels, clip_len, rng, batch_size, device):
     """The game's keys for a latent world, from `labels` labelled transitions of the training levels (0: all of
-    them): the LAM labels clips of clip_len frames, and each latent action gets the effect it most often had among
-    them (keys_from_labels). -> {"labels", "meaning", "keymap"}."""
+    them): infer(clips (B, clip_len, 3, H, W) in [-1, 1]) -> the world's latent actions (B, clip_len - 1), as its LAM
+    reads them; each of the num_actions latent actions gets the effect it most often had among them
+    (keys_from_labels). -> {"labels", "meaning", "keymap"}."""
     names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
     dataset = WindowDataset(store, clip_len, split="train")
     # random clips, as many as hold the labels; for all of them, one clip per clip_len - 1 frames of the levels
@@ -267,12 +268,10 @@ def fit_controls(action_model, store, labels, clip_len, rng, batch_size, device)
     latent, true = [], []
     for chunk in np.array_split(rng.choice(len(dataset), clips, replace=False), max(1, clips // batch_size)):
         batch = [dataset[int(j)] for j in chunk]
-        latent.append(action_model.infer_actions(from_uint8(torch.stack([b["frames"] for b in batch]).to(device)))
-                      .flatten().cpu())
+        latent.append(infer(from_uint8(torch.stack([b["frames"] for b in batch]).to(device))).flatten().cpu())
         true.append(torch.stack([b["actions"][:-1] for b in batch]).flatten())
     latent, true = torch.cat(latent).numpy()[:labels or None], torch.cat(true).numpy()[:labels or None]
-    return {"labels": len(latent), **keys_from_labels(latent, true, names, store.meta["source"],
-                                                      action_model.config.num_actions)}
+    return {"labels": len(latent), **keys_from_labels(latent, true, names, store.meta["source"], num_actions)}
 
 
 def keys_from_labels(latent, true, names, source, num_actions):
@@ -394,27 +393,43 @@ def following_of(args, store, world_rollout, prompts, rng, device):
     return {**following_figures(idm, world_rollout, prompts, held, args.batch_size), "follow_frames": FOLLOW_FRAMES}
 
 
+def dit_holder(vae, model, sampler, chosen, generator):
+    """following_figures' world_rollout of a diffusion world whose action for each horizontal class is chosen[class];
+    the prompt's frames are led to by "no action", as play.py's prompt."""
+    def hold(prompt, c):  # prompt (B, P, 3, H, W) -> its last frame through the VAE, then FOLLOW_FRAMES frames
+        if c not in chosen:
+            return None
+        b, p = prompt.shape[:2]
+        draws, means = encode_clips(vae, model, prompt, generator)
+        actions = torch.cat([model.no_action(draws[:, :, 0, 0]), torch.full((b, FOLLOW_FRAMES), chosen[c],
+                                                                            device=prompt.device)], dim=1)
+        latents = torch.cat([means[:, -1:], sampler.rollout(draws, FOLLOW_FRAMES, generator, actions)], dim=1)
+        return vae.decode((latents / model.config.latent_scale).flatten(0, 1)).float().unflatten(0, (b, -1))
+    return hold
+
+
 def genie_holder(tokenizer, sampler, chosen, generator):
     """following_figures' world_rollout of a Genie world whose action for each horizontal class is chosen[class]."""
     def hold(prompt, c):  # prompt (B, 1, 3, H, W) -> it and FOLLOW_FRAMES frames under the class's action
         if c not in chosen:
             return None
         actions = torch.full((len(prompt), FOLLOW_FRAMES), chosen[c], device=prompt.device)
-        return torch.cat([prompt[:, -1:], rollout(tokenizer, sampler, prompt[:, -1], actions, generator)], dim=1)
+        seen = tokenizer.decode(tokenizer.encode(prompt[:, -1]))[:, None]  # the prompt as the world renders it
+        return torch.cat([seen, rollout(tokenizer, sampler, prompt[:, -1], actions, generator)], dim=1)
     return hold
 
 
-def genie_controls(args, store, models, action_model, tokenizer, sampler, prompts, generator, device):
-    """The game's keys for a latent Genie world, fitted from each of --labels labelled training transitions
-    (fit_controls), and how the world follows them (following_figures) -> figures; the keys of the first --labels
-    go to MODELS/controls.json, where play.py --controls game finds them."""
+def latent_controls(args, store, models, infer, num_actions, holder, prompts, device):
+    """The game's keys for a latent world, fitted from each of --labels labelled training transitions
+    (fit_controls, with the world's LAM: infer), and how the world follows them (following_figures, through
+    holder(chosen) -> its world_rollout) -> figures; the keys of the first --labels go to MODELS/controls.json, where
+    play.py --controls game finds them."""
     controls = {}
     for labels in args.labels:
-        fitted = fit_controls(action_model, store, labels, args.horizon + 1, np.random.default_rng(args.seed),
+        fitted = fit_controls(infer, num_actions, store, labels, args.horizon + 1, np.random.default_rng(args.seed),
                               args.batch_size, device)
         chosen = class_actions(fitted["meaning"])
-        figures = following_of(args, store, genie_holder(tokenizer, sampler, chosen, generator), prompts,
-                               np.random.default_rng(args.seed), device)
+        figures = following_of(args, store, holder(chosen), prompts, np.random.default_rng(args.seed), device)
         controls[str(labels or "all")] = {"labels": fitted["labels"], "class_actions": chosen, **figures}
         if labels == args.labels[0]:
             atomic_write_text(models / "controls.json", json.dumps({"data": str(args.data), **fitted}, indent=1))
@@ -470,10 +485,7 @@ def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store)
     print(f"tokenizer PSNR        {results['tokenizer_psnr']:.2f} dB")
     print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
           f"{results['delta_psnr_long']:+.2f} dB (recorded - random actions)")
-    if results.get("following_accuracy") is not None:
-        print(f"following             {results['following_accuracy']:.1%} of the transitions read as the class held "
-              f"(ceiling, real clips: {results['following_ceiling']:.1%}); " + ", ".join(
-                  f"{k} {v:.0%}" for k, v in results["following_by_class"].items()))
+    print_following(results)
     print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
     for key, name in (("rollout_psnr", "rollout PSNR"), ("random_action_psnr", "random actions PSNR"),
                       ("baseline_psnr", "copy-first baseline"), ("token_copy_psnr", "copy-first tokens")):
@@ -564,8 +576,9 @@ def evaluate_genie(args, device):
         inferred, shuffled = (torch.cat(x).mean(0) for x in (inferred_psnr, random_psnr))
         results.update(delta_psnr_t4=float(inferred[t4] - shuffled[t4]), delta_psnr_long=float(inferred[-1] - shuffled[-1]),
                        rollout_psnr=inferred.tolist(), random_action_psnr=shuffled.tolist())
-        results.update(genie_controls(args, store, models, action_model, tokenizer, sampler, torch.cat(prompts),
-                                      generator, device))
+        results.update(latent_controls(
+            args, store, models, action_model.infer_actions, num_actions,
+            lambda chosen: genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts), device))
     table = np.zeros((len(names), num_actions), np.int64)
     np.add.at(table, (true, latent), 1)
     results["confusion"] = table.tolist()
@@ -605,11 +618,7 @@ def evaluate_genie(args, device):
         print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in values.tolist()))
     print(f"{'prompt frame again':<22}" + " ".join(f"{v:6.0%}" for v in results["baseline_exact"]) +
           " of the clips (copying scores 100 dB there)")
-    for name, figures in results.get("controls", {}).items():
-        if figures.get("following_accuracy") is not None:
-            print(f"keys from {figures['labels']:>6} labels  following {figures['following_accuracy']:.1%} (ceiling "
-                  f"{figures['following_ceiling']:.1%}); " + ", ".join(f"{k} {v:.0%}" for k, v in
-                                                                    figures["following_by_class"].items()))
+    print_following(results)
     print(f"wrote {json_path}, {json_path.with_name(json_path.stem + '_confusion.png')} and {models / 'meaning.json'}")
     return results
 
@@ -779,6 +788,18 @@ def held_clips(store, length, names, count, rng):
             for c, starts in found.items() if starts}
 
 
+def print_following(results):
+    """The following figures of an evaluation: one line for a world of the game's actions, one per --labels count for
+    a latent world's fitted keys."""
+    sets = {f"keys from {f['labels']} labels": f for f in results.get("controls", {}).values()} or \
+        {"the game's own actions": results}
+    for name, figures in sets.items():
+        if figures.get("following_accuracy") is not None:
+            print(f"following, {name}: {figures['following_accuracy']:.1%} of the transitions read as the class held "
+                  f"(ceiling, real clips: {figures['following_ceiling']:.1%}); " + ", ".join(
+                      f"{k} {v:.0%}" for k, v in figures["following_by_class"].items()))
+
+
 def class_actions(meaning):
     """A world's action for each horizontal class (left, none, right), from what its actions mean (play.py's key
     map: ArrowLeft, ArrowDown for none, ArrowRight) -> {class: action}; a class without one is left out."""
@@ -861,7 +882,7 @@ def evaluate_dit(args, device):
     keys = ["psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr", "latent_copy_psnr", "baseline_exact"] + \
         ["best_of_k_psnr"] * (args.samples > 1) + ["random_action_psnr"] * conditioned
     sums = {k: torch.zeros(args.horizon) for k in keys}
-    latent, true = [], []  # the LAM's actions of the clips' transitions, and the store's true ones when it has them
+    latent, true, prompts = [], [], []  # the LAM's actions of the clips' transitions, the store's true ones; prompts
     decoder_errors, decoder_generator = [], torch.Generator(device).manual_seed(args.seed + 1)
 
     def continue_clips(context, actions):  # -> decoded continuations (B, H, 3, h, w)
@@ -872,6 +893,7 @@ def evaluate_dit(args, device):
         clips = [windows[int(i)] for i in chunk]
         frames = from_uint8(torch.stack([clip["frames"] for clip in clips]).to(device))  # (B, P + H, 3, h, w)
         prompt, truth = frames[:, :args.prompt_frames], frames[:, args.prompt_frames:]
+        prompts.append(torch.stack([clip["frames"][:args.prompt_frames] for clip in clips]))
         draws, means = encode_clips(vae, model, frames, generator)  # (B, P + H, N, C) each
         context = draws[:, :args.prompt_frames]
         if true_actions:  # the recorded actions: actions[:, k] was taken at frame k
@@ -926,6 +948,17 @@ def evaluate_dit(args, device):
             names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
             result.update(latent_action_figures(latent, torch.cat(true).numpy(), names, store.meta["source"],
                                                 model.config.num_actions, np.random.default_rng(args.seed)))
+    if true_actions:
+        from play import world_meaning
+        chosen = class_actions(world_meaning(args.models, model.config))
+        result.update(following_of(args, store, dit_holder(vae, model, sampler, chosen, generator), torch.cat(prompts),
+                                   np.random.default_rng(args.seed), device), class_actions=chosen)
+    elif conditioned:
+        def infer(frames):  # clips (B, T, 3, H, W) -> the LAM's actions of their transitions (B, T - 1)
+            return inferred_actions(action_model, model, encode_clips(vae, model, frames, generator)[1])[:, 1:]
+        result.update(latent_controls(args, store, Path(args.models), infer, model.config.num_actions,
+                                      lambda chosen: dit_holder(vae, model, sampler, chosen, generator),
+                                      torch.cat(prompts), device))
     json_path = Path(args.json or "results/dit_eval.json")
     atomic_write_text(json_path, json.dumps(result, indent=1))
     if "meaning" in result:
@@ -964,6 +997,7 @@ def evaluate_dit(args, device):
               f"{result['nmi_effect']:.3f} (chance {result['nmi_effect_chance']:.3f}); effect accuracy "
               f"{result['effect_accuracy']:.1%} (majority {result['effect_majority']:.1%})")
         print("meaning " + ", ".join(f"{m['action']}: {m['effect']} ({m['share']:.0%})" for m in result["meaning"]))
+    print_following(result)
     print(f"wrote {json_path} and {plot}" + (f" and {Path(args.models) / 'meaning.json'}" if "meaning" in result else ""))
     return result
 
@@ -1014,6 +1048,11 @@ def main():
                    help="continuations per clip; K > 1 adds best_of_k_psnr, the best of K per clip (default 1)")
     p.add_argument("--batch_size", type=positive(int), default=8, help="clips per batch (default 8)")
     p.add_argument("--json", help="where to write the figures (default results/dit_eval.json; the plot beside it)")
+    p.add_argument("--idm", help="the inverse dynamics model that reads the world's frames for the following figure "
+                                 "(default: DATA_idm, made by evaluate.py idm DATA)")
+    p.add_argument("--labels", type=int, nargs="+", default=[1000, 100, 0],
+                   help="a latent world: the counts of labelled transitions the game's keys are fitted from, as for "
+                        "genie (default 1000 100 0)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt posterior samples and the noise")
     p = sub.add_parser("idm", help="how much of the true actions two frames show: the ceiling for the latent actions")

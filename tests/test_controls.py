@@ -83,11 +83,16 @@ def test_a_world_trained_on_true_actions_is_evaluated_against_random_ones(true_g
     assert figures["actions"] == "true" and len(figures["rollout_psnr"]) == 4
     assert figures["delta_psnr_t4"] == pytest.approx(figures["rollout_psnr"][3] - figures["random_action_psnr"][3])
     assert "no following figure: no inverse dynamics model" in result.stdout
+    result = run("evaluate.py", "idm", diffusion_data["store"], "--steps", 5, "--batch_size", 8, "--transitions", 16,
+                 "--json", tmp_path / "idm.json", "--out", tmp_path / "idm")
+    assert result.returncode == 0, result.stderr[-3000:]
     result = run("evaluate.py", "dit", diffusion_data["store"], "--models", true_dit, "--clips", 2, "--horizon", 2,
-                 "--prompt_frames", 3, "--steps", 2, "--json", tmp_path / "dit.json")
+                 "--prompt_frames", 3, "--steps", 2, "--json", tmp_path / "dit.json", "--idm", tmp_path / "idm")
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads((tmp_path / "dit.json").read_text())
     assert figures["actions"] == "true" and "random_action_psnr" in figures and "lam_usage" not in figures
+    assert 0 <= figures["following_accuracy"] <= 1 and set(figures["following_by_class"]) == {"left", "none", "right"}
+    assert figures["class_actions"] == {"0": 1, "1": 4, "2": 7}  # LEFT, NOOP, RIGHT
 
 
 def test_true_actions_need_a_store_that_has_them_and_a_known_name(true_genie, true_dit, genie, diffusion_data,
