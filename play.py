@@ -208,15 +208,11 @@ def world_meaning(models, config, controls="latent"):
     (evaluate.action_effect), with the name; for a latent world, read_meaning, or with controls "game" the keys
     evaluate.py genie fitted from labelled transitions (MODELS/controls.json)."""
     if config.actions != "true" and controls == "game":
-        path = Path(models) / "controls.json"
-        if not path.is_file():
-            raise UserError(f"--controls game: {path} does not exist; fit the game's keys to the latent actions with "
-                            f"python evaluate.py genie DATA --models {models}")
-        try:
-            return [dict(action=int(m["action"]), effect=str(m["effect"]), share=float(m["share"]))
-                    for m in json.loads(path.read_text())["meaning"]]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} is not the keys evaluate.py writes; delete it or rerun evaluate.py") from None
+        meaning = read_meaning(models, "controls.json")
+        if meaning is None:
+            raise UserError(f"--controls game: {Path(models) / 'controls.json'} does not exist; fit the game's keys to "
+                            f"the latent actions with python evaluate.py genie DATA --models {models}")
+        return meaning
     if config.actions != "true":
         return read_meaning(models)
     from evaluate import action_effect
@@ -224,11 +220,11 @@ def world_meaning(models, config, controls="latent"):
             for a, name in enumerate(config.action_names)]
 
 
-def read_meaning(models):
-    """What each latent action most often did on held-out data, as evaluate.py (genie or dit) wrote it to
-    MODELS/meaning.json:
+def read_meaning(models, name="meaning.json"):
+    """What each latent action most often did, as evaluate.py (genie or dit) wrote it to MODELS/meaning.json (on
+    held-out data) or MODELS/controls.json (from --labels labelled transitions):
     [{"action", "effect", "share", "count"}, ...]; None when the models have not been evaluated."""
-    path = Path(models) / "meaning.json"
+    path = Path(models) / name
     if not path.exists():
         return None
     try:
