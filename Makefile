@@ -37,9 +37,16 @@ demo: $(VENV)/installed videos/coinrun/meta.json videos/coinrun_wide/meta.json
 	# The footage path, offline: the preview goes through yt-dlp and prepare exactly as a downloaded video would.
 	$(PY) download.py results/coinrun_preview.mp4 --out videos
 	$(PY) dataset.py prepare videos/coinrun_preview.mp4 --fps 12 --size 320x180 --out videos/coinrun_preview_12fps_320x180
-	# Genie: tokenizer, latent actions, dynamics at the CPU preset; evaluated on held-out levels; played.
+	# Genie: tokenizer, latent actions, dynamics at the CPU preset; beside it a dynamics on the game's true actions with
+	# the same tokenizer. An inverse dynamics model trained on real frames reads which way each world moves when a key
+	# is held (the following figure); the latent world's keys are fitted from 1,000, 100 and all labelled transitions.
 	$(PY) train_genie.py --phase all --preset tiny --data videos/coinrun --out models/genie
+	rm -rf models/genie_true && mkdir -p models/genie_true && cp -r models/genie/tokenizer models/genie/tokens models/genie_true/
+	$(PY) train_genie.py --phase dynamics --actions true --preset tiny --data videos/coinrun --out models/genie_true
+	$(PY) evaluate.py idm videos/coinrun --json results/idm_eval.json
 	$(PY) evaluate.py genie videos/coinrun --models models/genie --clips 64 --horizon 8 --json results/genie_eval.json
+	$(PY) evaluate.py genie videos/coinrun --models models/genie_true --clips 64 --horizon 8 \
+		--json results/genie_true_eval.json
 	$(PY) play.py --models models/genie --data videos/coinrun --actions 0,1,2,3,4,5,6,7,0,1,2,3,4,5,6,7 \
 		--use_dataset_frame --output_dir results/genie_play
 	# Latent diffusion: ViT-VAE, latents, a LAM on them and a DiT following its actions, at the CPU presets; evaluated on
@@ -48,9 +55,20 @@ demo: $(VENV)/installed videos/coinrun/meta.json videos/coinrun_wide/meta.json
 	$(PY) dataset.py encode videos/coinrun_wide --vae models/vae2
 	$(PY) train_lam.py videos/coinrun_wide_latents --vae models/vae2 --preset tiny --out models/lam
 	$(PY) train_dit.py videos/coinrun_wide_latents --vae models/vae2 --lam models/lam --preset tiny --out models/dit
+	rm -rf models/diffusion_true && mkdir -p models/diffusion_true && cp -r models/vae2 models/diffusion_true/
+	$(PY) train_dit.py videos/coinrun_wide_latents --vae models/vae2 --actions true --preset tiny \
+		--out models/diffusion_true/dit
 	$(PY) evaluate.py vae videos/coinrun_wide --vae models/vae2 --json results/vae2_eval.json
+	$(PY) evaluate.py idm videos/coinrun_wide --json results/idm_wide_eval.json
 	$(PY) evaluate.py dit videos/coinrun_wide --models models --clips 16 --horizon 8 --samples 4 \
 		--json results/dit_actions_eval.json
+	$(PY) evaluate.py dit videos/coinrun_wide --models models/diffusion_true --clips 16 --horizon 8 --samples 4 \
+		--json results/dit_true_eval.json
+	# The four worlds side by side (results/controls_eval.json), and one prompt with right and left held in both Genie
+	# worlds (results/controls_play.gif).
+	$(PY) evaluate.py controls genie_true=results/genie_true_eval.json genie_latent=results/genie_eval.json \
+		dit_true=results/dit_true_eval.json dit_latent=results/dit_actions_eval.json \
+		--gif_models models/genie_true models/genie --data videos/coinrun
 	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --num_frames 24 --side_by_side \
 		--output results/generated.mp4
 	$(PY) generate.py --prompt_video videos/coinrun_wide --models models --prompt_frames 8 --side_by_side \

@@ -80,6 +80,10 @@ class Store:
             self._maps[ACTIONS] = np.load(self.path / ACTIONS, mmap_mode="r")
         return self._maps.get(ACTIONS)
 
+    @property
+    def action_names(self):  # the game's name of each true action; their numbers where the collector named none
+        return self.meta.get("action_names") or [str(a) for a in range(self.meta["num_actions"])]
+
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}
 
@@ -685,7 +689,7 @@ def describe(store):
         lines.append(f"levels      {len(set(store.levels))} distinct")
     if store.has_actions:
         actions = np.asarray(store.actions)
-        names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+        names = store.action_names
         held = len(actions) / (1 + np.count_nonzero(np.diff(actions)))
         counts = np.bincount(actions, minlength=len(names))
         lines.append(f"actions     {len(names)} kinds, held {held:.1f} steps on average")

@@ -114,7 +114,7 @@ from dataset import FrameStore, WindowDataset, open_frames, require_size, spread
 from generate import CFG_SCALE, encode_clips, inferred_actions, load_world
 from lam import LatentActionModel
 from utils import UserError, atomic_path, atomic_write_text, autocast, from_uint8, get_device, load_model, positive, \
-    run_cli, save_model, seed_everything
+    run_cli, save_model, seed_everything, to_uint8, write_gif
 from vae import Tokenizer
 from vae2 import ViTVAE
 
@@ -261,7 +261,7 @@ def fit_controls(infer, num_actions, store, labels, clip_len, rng, batch_size, d
     them): infer(clips (B, clip_len, 3, H, W) in [-1, 1]) -> the world's latent actions (B, clip_len - 1), as its LAM
     reads them; each of the num_actions latent actions gets the effect it most often had among them
     (keys_from_labels). -> {"labels", "meaning", "keymap"}."""
-    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+    names = store.action_names
     dataset = WindowDataset(store, clip_len, split="train")
     # random clips, as many as hold the labels; for all of them, one clip per clip_len - 1 frames of the levels
     clips = len(dataset) // (clip_len - 1) if labels == 0 else min(len(dataset), -(-labels // (clip_len - 1)))
@@ -388,7 +388,7 @@ def following_of(args, store, world_rollout, prompts, rng, device):
         print(f"no following figure: no inverse dynamics model in {folder} (python evaluate.py idm {args.data})")
         return {}
     idm = load_model(InverseDynamics, folder, device)
-    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+    names = store.action_names
     held = held_clips(store, FOLLOW_FRAMES + 1, names, len(prompts), rng)
     return {**following_figures(idm, world_rollout, prompts, held, args.batch_size), "follow_frames": FOLLOW_FRAMES}
 
@@ -440,18 +440,47 @@ def latent_controls(args, store, models, infer, num_actions, holder, prompts, de
             **{k: first.get(k) for k in ("following_accuracy", "following_ceiling", "follow_frames")}}
 
 
+def genie_samplers(dynamics_model, args):
+    """The samplers a Genie world's rollouts are measured with -> {"": at --cfg_scale, "_unguided": at 1}: guidance
+    moves the random-action baseline as well as the rollout, so Delta PSNR is reported both ways."""
+    def at(scale):
+        return dynamics.Sampler(dynamics_model, args.maskgit_steps, args.temperature, cfg_scale=scale)
+    return {"": at(args.cfg_scale), **({"_unguided": at(1.0)} if args.cfg_scale != 1 else {})}
+
+
+def delta_figures(results, t4):
+    """Delta PSNR (the actions that led the clip minus random ones) at t = 4 and at the last step, at the evaluation's
+    guidance and unguided, from results' rollout_psnr, random_action_psnr and their *_unguided rows (copied from the
+    guided ones where the guidance is 1) -> the new figures."""
+    figures = {}
+    for suffix in ("", "_unguided"):
+        for key in ("rollout_psnr", "random_action_psnr"):
+            figures[key + suffix] = results.get(key + suffix) or results[key]
+        rollout, shuffled = figures["rollout_psnr" + suffix], figures["random_action_psnr" + suffix]
+        figures.update({"delta_psnr_t4" + suffix: rollout[t4] - shuffled[t4],
+                        "delta_psnr_long" + suffix: rollout[-1] - shuffled[-1]})
+    return figures
+
+
+def print_delta(results, horizon, what):
+    print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={horizon}: "
+          f"{results['delta_psnr_long']:+.2f} dB at guidance {results['cfg_scale']:g}; unguided "
+          f"{results['delta_psnr_t4_unguided']:+.2f} / {results['delta_psnr_long_unguided']:+.2f} dB ({what})")
+
+
 @torch.no_grad()
 def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store):
     """A Genie world on the game's true actions (train_genie.py --actions true): its rollout under the recorded
     actions and under random ones, the copy baselines, and how it follows held actions (following_figures)."""
     from play import world_meaning
     check_game(store, dynamics_model.config, args.data)
-    sampler = dynamics.Sampler(dynamics_model, args.maskgit_steps, args.temperature, cfg_scale=args.cfg_scale)
+    samplers = genie_samplers(dynamics_model, args)
+    sampler = samplers[""]
     dataset = WindowDataset(store, args.horizon + 1, split="val")
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(dataset), min(args.clips, len(dataset)), replace=False)
     generator = torch.Generator(device).manual_seed(args.seed)
-    sums = {k: [] for k in ("rollout_psnr", "random_action_psnr", "baseline_psnr", "token_copy_psnr", "tokenizer")}
+    sums = {k: [] for k in ("baseline_psnr", "token_copy_psnr", "tokenizer")}
     prompts = []
     for i in range(0, len(picks), args.batch_size):
         batch = [dataset[int(j)] for j in picks[i:i + args.batch_size]]
@@ -462,32 +491,32 @@ def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store)
         decoded = tokenizer.decode(tokenizer.encode(frames.flatten(0, 1))).unflatten(0, frames.shape[:2])
         shuffled = torch.randint(0, dynamics_model.config.num_actions, actions.shape, device=device,
                                  generator=generator)
-        for acts, key in ((actions, "rollout_psnr"), (shuffled, "random_action_psnr")):
-            sums[key].append(psnr(rollout(tokenizer, sampler, frames[:, 0], acts, generator), target).cpu())
+        for guidance, each in samplers.items():
+            for acts, key in ((actions, "rollout_psnr"), (shuffled, "random_action_psnr")):
+                sums.setdefault(key + guidance, []).append(
+                    psnr(rollout(tokenizer, each, frames[:, 0], acts, generator), target).cpu())
         sums["baseline_psnr"].append(psnr(frames[:, :1].expand_as(target), target).cpu())
         sums["token_copy_psnr"].append(psnr(decoded[:, :1].expand_as(target), target).cpu())
         sums["tokenizer"].append(psnr(decoded, frames).flatten().cpu())
     results = {k: torch.cat(v).mean(0).tolist() for k, v in sums.items() if k != "tokenizer"}
     t4 = min(4, args.horizon) - 1
-    results.update(actions="true", game=dynamics_model.config.game, clips=len(picks), horizon=args.horizon,
+    results.update(pipeline="genie", actions="true", game=dynamics_model.config.game, clips=len(picks), horizon=args.horizon,
                    maskgit_steps=args.maskgit_steps, temperature=args.temperature, cfg_scale=args.cfg_scale,
-                   tokenizer_psnr=float(torch.cat(sums["tokenizer"]).mean()),
-                   delta_psnr_t4=results["rollout_psnr"][t4] - results["random_action_psnr"][t4],
-                   delta_psnr_long=results["rollout_psnr"][-1] - results["random_action_psnr"][-1])
+                   tokenizer_psnr=float(torch.cat(sums["tokenizer"]).mean()), **delta_figures(results, t4))
     chosen = class_actions(world_meaning(models, dynamics_model.config))
     results.update(following_of(args, store, genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts),
-                                rng, device), class_actions=chosen)
+                                np.random.default_rng(args.seed), device), class_actions=chosen)
     json_path = Path(args.json or "results/genie_eval.json")
     atomic_write_text(json_path, json.dumps(results, indent=1))
     print(f"held-out clips        {len(picks)} x {args.horizon + 1} frames of {args.data}; the world of "
           f"{dynamics_model.config.game}'s true actions (MaskGIT {args.maskgit_steps} steps, guidance "
           f"{args.cfg_scale:g})")
     print(f"tokenizer PSNR        {results['tokenizer_psnr']:.2f} dB")
-    print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
-          f"{results['delta_psnr_long']:+.2f} dB (recorded - random actions)")
+    print_delta(results, args.horizon, "recorded - random actions")
     print_following(results)
     print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
     for key, name in (("rollout_psnr", "rollout PSNR"), ("random_action_psnr", "random actions PSNR"),
+                      ("rollout_psnr_unguided", "  unguided"), ("random_action_psnr_unguided", "  unguided, random"),
                       ("baseline_psnr", "copy-first baseline"), ("token_copy_psnr", "copy-first tokens")):
         print(f"{name:<22}" + " ".join(f"{v:6.2f}" for v in results[key]))
     print(f"wrote {json_path}")
@@ -506,8 +535,8 @@ def evaluate_genie(args, device):
     # A folder with only lam/ (an ablation run with --phase lam) gets the latent-action figures alone.
     tokenizer = load_model(Tokenizer, models / "tokenizer", device) if (models / "tokenizer").exists() else None
     dynamics_model = load_model(dynamics.Dynamics, models / "dynamics", device) if (models / "dynamics").exists() else None
-    sampler = None if dynamics_model is None else \
-        dynamics.Sampler(dynamics_model, args.maskgit_steps, args.temperature, cfg_scale=args.cfg_scale)
+    samplers = {} if dynamics_model is None else genie_samplers(dynamics_model, args)
+    sampler = samplers.get("")
     store = FrameStore(args.data)
     if not store.has_actions:
         raise UserError(f"{args.data} has no true actions to compare the latent actions with (collect a game store)")
@@ -516,11 +545,12 @@ def evaluate_genie(args, device):
     picks = rng.choice(len(dataset), min(args.clips, len(dataset)), replace=False)
     generator = torch.Generator(device).manual_seed(args.seed)
     num_actions = action_model.config.num_actions
-    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+    names = store.action_names
     train_codes, train_true = lam_codes(action_model, WindowDataset(store, args.horizon + 1, split="train"),
                                         rng, args.clips, args.batch_size, device)
-    tokenizer_psnr, codes, latent, true, val_codes, inferred_psnr, random_psnr, baseline_psnr, token_copy_psnr, \
-        exact, prompts = ([] for _ in range(11))
+    tokenizer_psnr, codes, latent, true, val_codes, baseline_psnr, token_copy_psnr, exact, prompts = \
+        ([] for _ in range(9))
+    world_psnr = {}  # "rollout_psnr" (inferred actions), "random_action_psnr", each also unguided: [(B, T - 1)]
     decoder_errors, decoder_generator = [], torch.Generator(device).manual_seed(args.seed + 1)
     lam_inferred_psnr, lam_random_psnr, lam_generator = [], [], torch.Generator(device).manual_seed(args.seed + 2)
     for i in range(0, len(picks), args.batch_size):
@@ -549,11 +579,13 @@ def evaluate_genie(args, device):
         if dynamics_model is None:
             continue
         shuffled = torch.randint(0, dynamics_model.config.num_actions, actions.shape, device=device, generator=generator)
-        for acts, out in ((actions, inferred_psnr), (shuffled, random_psnr)):
-            out.append(psnr(rollout(tokenizer, sampler, frames[:, 0], acts, generator), target).cpu())
+        for guidance, each in samplers.items():
+            for acts, key in ((actions, "rollout_psnr"), (shuffled, "random_action_psnr")):
+                world_psnr.setdefault(key + guidance, []).append(
+                    psnr(rollout(tokenizer, each, frames[:, 0], acts, generator), target).cpu())
 
     latent, true = torch.cat(latent).numpy(), torch.cat(true).numpy()
-    results = {"clips": len(picks), "horizon": args.horizon, "maskgit_steps": args.maskgit_steps,
+    results = {"pipeline": "genie", "clips": len(picks), "horizon": args.horizon, "maskgit_steps": args.maskgit_steps,
                "temperature": args.temperature, "cfg_scale": args.cfg_scale,
                **latent_action_figures(latent, true, names, store.meta["source"], num_actions, rng),
                **lam_decoder_figures(torch.stack(decoder_errors).mean(0))}
@@ -573,9 +605,8 @@ def evaluate_genie(args, device):
                    lam_delta_psnr_long=float(lam_inferred[-1] - lam_shuffled[-1]), baseline_psnr=baseline.tolist(),
                    baseline_exact=torch.cat(exact).mean(0).tolist())
     if dynamics_model is not None:
-        inferred, shuffled = (torch.cat(x).mean(0) for x in (inferred_psnr, random_psnr))
-        results.update(delta_psnr_t4=float(inferred[t4] - shuffled[t4]), delta_psnr_long=float(inferred[-1] - shuffled[-1]),
-                       rollout_psnr=inferred.tolist(), random_action_psnr=shuffled.tolist())
+        results.update({k: torch.cat(v).mean(0).tolist() for k, v in world_psnr.items()})
+        results.update(delta_figures(results, t4))
         results.update(latent_controls(
             args, store, models, action_model.infer_actions, num_actions,
             lambda chosen: genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts), device))
@@ -606,10 +637,11 @@ def evaluate_genie(args, device):
           f"{results['lam_delta_psnr_long']:+.2f} dB")
     rows = [("LAM decoder rollout", lam_inferred), ("LAM, random actions", lam_shuffled)]
     if dynamics_model is not None:
-        print(f"Delta PSNR            t=4: {results['delta_psnr_t4']:+.2f} dB, t={args.horizon}: "
-              f"{results['delta_psnr_long']:+.2f} dB (MaskGIT {args.maskgit_steps} steps, temperature "
-              f"{args.temperature:g}, guidance {args.cfg_scale:g})")
-        rows += [("rollout PSNR", inferred), ("random actions PSNR", shuffled)]
+        print_delta(results, args.horizon, f"inferred - random actions; MaskGIT {args.maskgit_steps} steps, "
+                                           f"temperature {args.temperature:g}")
+        rows += [(name, torch.tensor(results[key])) for key, name in (
+            ("rollout_psnr", "rollout PSNR"), ("random_action_psnr", "random actions PSNR"),
+            ("rollout_psnr_unguided", "  unguided"), ("random_action_psnr_unguided", "  unguided, random"))]
     print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
     rows.append(("copy-first baseline", baseline))
     if tokenizer is not None:
@@ -655,11 +687,13 @@ class IDMConfig:
     horizontal: list          # each effect's horizontal direction: 0 left, 1 none, 2 right
     game: str = ""            # the store's source it was trained on
     width: int = 64
+    height: int = 64          # taller frames are shrunk to this height first (area), so 320x180 reads as cheaply
 
 
 class InverseDynamics(nn.Module, PyTorchModelHubMixin):
     """Frames t and t + 1 (B, 3, H, W) each -> logits over the effect classes (B, classes): four stride-2
-    convolutions, then a small MLP; any frame size works (the pooling fixes the grid at 4x4). Trained on real frames
+    convolutions, then a small MLP; any frame size works (frames taller than config.height are shrunk to it, and the
+    pooling fixes the grid at 4x4). Trained on real frames
     with their true actions (evaluate.py idm), it is the reader of what a transition shows: the ceiling of the latent
     actions, and the judge of whether a world follows the actions it is given (following_figures)."""
 
@@ -674,7 +708,10 @@ class InverseDynamics(nn.Module, PyTorchModelHubMixin):
                                  nn.Linear(4 * w, len(config.effects)))
 
     def forward(self, before, after):
-        return self.net(torch.cat([before, after], dim=1).float())
+        pair = torch.cat([before, after], dim=1).float()
+        if pair.shape[-2] > self.config.height:
+            pair = F.interpolate(pair, scale_factor=self.config.height / pair.shape[-2], mode="area")
+        return self.net(pair)
 
     def horizontal(self, before, after):  # -> (B,) 0 left, 1 none, 2 right
         return torch.as_tensor(self.config.horizontal, device=before.device)[self(before, after).argmax(1)]
@@ -689,7 +726,7 @@ def evaluate_idm(args, device):
     store = FrameStore(args.data)
     if not store.has_actions:
         raise UserError(f"{args.data} has no true actions to read off the frames (collect a game store)")
-    names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+    names = store.action_names
     effects, effect_of, horizontal_of = effect_classes(names, store.meta["source"])
     horizontal_of_effect = np.zeros(len(effects), np.int64)
     horizontal_of_effect[effect_of] = horizontal_of  # every action of an effect class has its direction
@@ -879,14 +916,17 @@ def evaluate_dit(args, device):
     generator = torch.Generator(device).manual_seed(args.seed)
     scale = model.config.latent_scale
     sampler = dit.Sampler(model, args.steps, args.context_t, cfg_scale=args.cfg_scale)
+    # guidance moves the random-action baseline as well as the rollout: Delta PSNR is reported unguided too
+    unguided = dit.Sampler(model, args.steps, args.context_t, cfg_scale=1.0) if args.cfg_scale != 1 else None
     keys = ["psnr", "ssim", "baseline_psnr", "baseline_ssim", "recon_psnr", "latent_copy_psnr", "baseline_exact"] + \
-        ["best_of_k_psnr"] * (args.samples > 1) + ["random_action_psnr"] * conditioned
+        ["best_of_k_psnr"] * (args.samples > 1) + ["random_action_psnr"] * conditioned + \
+        ["rollout_psnr_unguided", "random_action_psnr_unguided"] * (conditioned and unguided is not None)
     sums = {k: torch.zeros(args.horizon) for k in keys}
     latent, true, prompts = [], [], []  # the LAM's actions of the clips' transitions, the store's true ones; prompts
     decoder_errors, decoder_generator = [], torch.Generator(device).manual_seed(args.seed + 1)
 
-    def continue_clips(context, actions):  # -> decoded continuations (B, H, 3, h, w)
-        generated = sampler.rollout(context, args.horizon, generator, actions) / scale
+    def continue_clips(context, actions, with_sampler=sampler):  # -> decoded continuations (B, H, 3, h, w)
+        generated = with_sampler.rollout(context, args.horizon, generator, actions) / scale
         return vae.decode(generated.flatten(0, 1)).float().unflatten(0, (len(context), args.horizon))
 
     for chunk in tqdm(np.array_split(picks, max(1, len(picks) // args.batch_size)), desc="evaluate dit"):
@@ -911,6 +951,9 @@ def evaluate_dit(args, device):
             shuffled[:, args.prompt_frames:] = torch.randint(0, model.config.num_actions, truth.shape[:2],
                                                              device=device, generator=generator)
             sums["random_action_psnr"] += psnr(continue_clips(context, shuffled), truth).sum(0).cpu()
+            if unguided is not None:
+                for acts, key in ((led_to, "rollout_psnr_unguided"), (shuffled, "random_action_psnr_unguided")):
+                    sums[key] += psnr(continue_clips(context, acts, unguided), truth).sum(0).cpu()
         if conditioned and not true_actions:
             latent.append(led_to[:, 1:].flatten().cpu())
             first_clip = means[:, :model.config.lam_clip_len]  # one clip of the length the LAM labels
@@ -931,21 +974,20 @@ def evaluate_dit(args, device):
         sums["latent_copy_psnr"] += psnr(latent_copy, truth).sum(0).cpu()
         sums["baseline_exact"] += same_frame(last, truth).sum(0).cpu()
     result = {k: [round(float(v), 4) for v in s / len(picks)] for k, s in sums.items()}
-    result.update(clips=len(picks), samples=args.samples, horizon=args.horizon, prompt_frames=args.prompt_frames,
+    result.update(pipeline="dit", clips=len(picks), samples=args.samples, horizon=args.horizon, prompt_frames=args.prompt_frames,
                   steps=args.steps, context_t=args.context_t, cfg_scale=args.cfg_scale, models=str(args.models),
                   data=str(args.data))
     t4 = min(4, args.horizon) - 1
     if conditioned:
-        inferred, shuffled = result["psnr"], result["random_action_psnr"]
-        result.update(rollout_psnr=inferred, delta_psnr_t4=inferred[t4] - shuffled[t4],
-                      delta_psnr_long=inferred[-1] - shuffled[-1], actions=model.config.actions)
+        result.update(rollout_psnr=result["psnr"], actions=model.config.actions)
+        result.update(delta_figures(result, t4))
     if conditioned and not true_actions:
         latent = torch.cat(latent).numpy()
         usage = np.bincount(latent, minlength=model.config.num_actions) / len(latent)
         result.update(lam_usage=usage.tolist(), lam_codes_used=int((usage >= 0.02).sum()),
                       **lam_decoder_figures(torch.stack(decoder_errors).mean(0)))
         if true:
-            names = store.meta.get("action_names") or [str(a) for a in range(store.meta["num_actions"])]
+            names = store.action_names
             result.update(latent_action_figures(latent, torch.cat(true).numpy(), names, store.meta["source"],
                                                 model.config.num_actions, np.random.default_rng(args.seed)))
     if true_actions:
@@ -985,12 +1027,10 @@ def evaluate_dit(args, device):
         print(f"  {h + 1:4d} " + " ".join(f"{result[key][h]:{max(7, len(name))}.{3 if 'ssim' in key else 2}f}"
                                           for key, name in columns))
     if true_actions:
-        print(f"Delta PSNR (recorded - random true actions): t={t4 + 1} {result['delta_psnr_t4']:+.2f} dB, "
-              f"t={args.horizon} {result['delta_psnr_long']:+.2f} dB")
+        print_delta(result, args.horizon, "recorded - random true actions")
     elif conditioned:
-        print(f"Delta PSNR (inferred - random latent actions): t={t4 + 1} {result['delta_psnr_t4']:+.2f} dB, "
-              f"t={args.horizon} {result['delta_psnr_long']:+.2f} dB; latent actions used "
-              f"{result['lam_codes_used']} of {model.config.num_actions}")
+        print_delta(result, args.horizon, "inferred - random latent actions")
+        print(f"latent actions used   {result['lam_codes_used']} of {model.config.num_actions}")
         print_lam_decoder(result)
     if "meaning" in result:
         print(f"NMI with true actions {result['nmi']:.3f} (chance {result['nmi_chance']:.3f}), with effects "
@@ -1000,6 +1040,89 @@ def evaluate_dit(args, device):
     print_following(result)
     print(f"wrote {json_path} and {plot}" + (f" and {Path(args.models) / 'meaning.json'}" if "meaning" in result else ""))
     return result
+
+
+CONTROLS_GIF_FRAMES = 12  # frames each key is held for in controls_play.gif
+
+
+def world_summary(results):
+    """The control figures of one world from its evaluate.py genie or dit JSON -> one controls_eval.json entry."""
+    pipeline = results["pipeline"]
+    entry = {"pipeline": pipeline, "actions": results.get("actions", "latent"), "cfg_scale": results["cfg_scale"],
+             **{k: results.get(k) for k in ("following_accuracy", "following_ceiling", "following_by_class",
+                                            "delta_psnr_t4", "delta_psnr_t4_unguided", "rollout_psnr")},
+             # what a world that changes nothing scores through its own autoencoder: the copy a rollout must beat
+             "copy_psnr": results["token_copy_psnr" if pipeline == "genie" else "latent_copy_psnr"],
+             "copy_frame_psnr": results["baseline_psnr"]}
+    if entry["actions"] == "latent":
+        entry.update(labels=results.get("key_labels"), following_by_labels={
+            str(f["labels"]): f.get("following_accuracy") for f in results.get("controls", {}).values()})
+    return entry
+
+
+def evaluate_controls(args, device):
+    """controls_eval.json: the control figures of each world (world_summary of its evaluate.py JSON), each against its
+    ceiling and a latent world against its pipeline's true-action world; and controls_play.gif."""
+    worlds = {}
+    for pair in args.worlds:
+        name, _, path = pair.partition("=")
+        if not name or not Path(path).is_file():
+            raise UserError(f"{pair}: give each world as NAME=JSON, the file evaluate.py genie or dit wrote for it")
+        worlds[name] = world_summary(json.loads(Path(path).read_text()))
+    true_world = {w["pipeline"]: w for w in worlds.values() if w["actions"] == "true"}
+    for w in worlds.values():
+        if w["following_accuracy"] is not None and w["following_ceiling"]:
+            w["following_of_ceiling"] = w["following_accuracy"] / w["following_ceiling"]
+        if w["actions"] == "latent" and (true_w := true_world.get(w["pipeline"])) and true_w["following_accuracy"]:
+            w["following_of_true_world"] = w["following_accuracy"] / true_w["following_accuracy"]
+    json_path = Path(args.json)
+    atomic_write_text(json_path, json.dumps(worlds, indent=1))
+    print(f"{'world':<16}{'actions':>8}{'following':>11}{'ceiling':>9}{'Delta t=4':>11}{'unguided':>10}"
+          f"{'rollout t=last':>16}{'copy':>8}")
+    for name, w in worlds.items():
+        follow = "-" if w["following_accuracy"] is None else f"{w['following_accuracy']:.1%}"
+        ceiling = "-" if w["following_ceiling"] is None else f"{w['following_ceiling']:.1%}"
+        print(f"{name:<16}{w['actions']:>8}{follow:>11}{ceiling:>9}{w['delta_psnr_t4']:>+10.2f} "
+              f"{w['delta_psnr_t4_unguided']:>+9.2f} {w['rollout_psnr'][-1]:>15.2f} {w['copy_psnr'][-1]:>7.2f}")
+    print(f"wrote {json_path}")
+    if args.gif_models:
+        controls_gif(args, device)
+
+
+@torch.no_grad()
+def controls_gif(args, device):
+    """One held-out prompt, "right" held beside "left" held, in each of the --gif_models Genie worlds (a latent
+    world through the keys evaluate.py genie --labels fitted, controls.json) -> --gif, rows the worlds."""
+    from play import world_meaning
+    store = FrameStore(args.data)
+    dataset = WindowDataset(store, 1, split="val")
+    prompt = from_uint8(dataset[int(np.random.default_rng(args.seed).integers(len(dataset)))]["frames"].to(device))
+    rows = []
+    for folder in args.gif_models:
+        tokenizer = load_model(Tokenizer, Path(folder) / "tokenizer", device)
+        model = load_model(dynamics.Dynamics, Path(folder) / "dynamics", device)
+        check_game(store, model.config, args.data)
+        chosen = class_actions(world_meaning(folder, model.config, controls="game"))
+        sampler = dynamics.Sampler(model, temperature=0.0)
+        row = []
+        for c, key in ((2, "right"), (0, "left")):
+            if c not in chosen:
+                raise UserError(f"{folder} has no action for '{key}' (its keys: {chosen})")
+            actions = torch.full((1, CONTROLS_GIF_FRAMES), chosen[c], device=device)
+            frames = torch.cat([prompt, rollout(tokenizer, sampler, prompt, actions,
+                                                torch.Generator(device).manual_seed(args.seed))[0]])
+            row.append(labelled(to_uint8(frames), f"{Path(folder).name} {model.config.actions}: {key}"))
+        rows.append(np.concatenate(row, axis=2))
+    write_gif(args.gif, np.concatenate(rows, axis=1), store.fps / 2)
+    print(f"wrote {args.gif}: {' / '.join(args.gif_models)} (rows), right and left held (columns)")
+
+
+def labelled(frames, text, scale=4):
+    """uint8 frames (T, H, W, 3) -> scale times larger, with text on each."""
+    big = np.stack([cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) for f in frames])
+    for f in big:
+        cv2.putText(f, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+    return big
 
 
 def main():
@@ -1068,6 +1191,22 @@ def main():
                                  "(default: beside DATA, DATA_idm)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
+    p = sub.add_parser("controls", help="the control figures of several worlds side by side, and a GIF of held keys")
+    p.add_argument("worlds", nargs="+", metavar="NAME=JSON",
+                   help="each world's figures, as evaluate.py genie or dit wrote them (e.g. "
+                        "genie_true=results/genie_true_eval.json)")
+    p.add_argument("--json", default="results/controls_eval.json", help="where to write (default "
+                                                                        "results/controls_eval.json)")
+    p.add_argument("--gif_models", nargs="+", metavar="FOLDER",
+                   help="Genie model folders (train_genie.py --out) to show in --gif: a held-out prompt of --data with "
+                        "'right' held beside 'left' held, a row per world; a latent world plays through the keys "
+                        "that evaluate.py genie fitted (controls.json)")
+    p.add_argument("--data", default="videos/coinrun", help="the store the --gif prompt comes from (default "
+                                                            "videos/coinrun)")
+    p.add_argument("--gif", default="results/controls_play.gif", help="GIF to write (default "
+                                                                      "results/controls_play.gif)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling")
     p = sub.add_parser("plot", help="training curves from logs/*.json (e.g. a run at 1x, 2x, 4x the steps)")
     p.add_argument("logs", nargs="+", help="training logs, e.g. models/genie/logs/tokenizer.json")
     p.add_argument("--key", default="loss", help="logged value to draw (default loss; e.g. recon, ce, flow)")
@@ -1091,6 +1230,8 @@ def main():
             evaluate_vae(args, device)
         elif args.command == "dit":
             evaluate_dit(args, device)
+        elif args.command == "controls":
+            evaluate_controls(args, device)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ world's frames, with an inverse dynamics model trained on real ones, whether it 
 import json
 import shutil
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
@@ -82,6 +83,9 @@ def test_a_world_trained_on_true_actions_is_evaluated_against_random_ones(true_g
     figures = json.loads((tmp_path / "genie.json").read_text())
     assert figures["actions"] == "true" and len(figures["rollout_psnr"]) == 4
     assert figures["delta_psnr_t4"] == pytest.approx(figures["rollout_psnr"][3] - figures["random_action_psnr"][3])
+    assert figures["cfg_scale"] != 1 and figures["delta_psnr_t4_unguided"] == pytest.approx(
+        figures["rollout_psnr_unguided"][3] - figures["random_action_psnr_unguided"][3])
+    assert figures["rollout_psnr_unguided"] != figures["rollout_psnr"]  # the guidance changes the frames
     assert "no following figure: no inverse dynamics model" in result.stdout
     result = run("evaluate.py", "idm", diffusion_data["store"], "--steps", 5, "--batch_size", 8, "--transitions", 16,
                  "--json", tmp_path / "idm.json", "--out", tmp_path / "idm")
@@ -93,6 +97,20 @@ def test_a_world_trained_on_true_actions_is_evaluated_against_random_ones(true_g
     assert figures["actions"] == "true" and "random_action_psnr" in figures and "lam_usage" not in figures
     assert 0 <= figures["following_accuracy"] <= 1 and set(figures["following_by_class"]) == {"left", "none", "right"}
     assert figures["class_actions"] == {"0": 1, "1": 4, "2": 7}  # LEFT, NOOP, RIGHT
+    # both worlds side by side, and the Genie world with right and left held from one prompt
+    controls = ["evaluate.py", "controls", f"genie_true={tmp_path / 'genie.json'}", f"dit_true={tmp_path / 'dit.json'}",
+                "--json", tmp_path / "controls.json", "--gif_models", true_genie, "--data", genie / "coinrun", "--gif",
+                tmp_path / "controls.gif"]
+    result = run(*controls)
+    assert result.returncode == 0, result.stderr[-3000:]
+    worlds = json.loads((tmp_path / "controls.json").read_text())
+    assert worlds["dit_true"]["following_accuracy"] == figures["following_accuracy"]
+    assert worlds["dit_true"]["copy_psnr"] == figures["latent_copy_psnr"] and worlds["genie_true"]["actions"] == "true"
+    assert worlds["genie_true"]["following_accuracy"] is None  # evaluated without an IDM
+    gif = iio.imread(tmp_path / "controls.gif")
+    # right beside left at 4x; up to 13 frames (the prompt and 12), fewer where the GIF merges equal ones
+    assert gif.shape[1:3] == (4 * 64, 2 * 4 * 64) and len(gif) <= 13
+    assert_user_error(run(*controls[:2], "genie_true", *controls[4:]), "NAME=JSON")
 
 
 def test_true_actions_need_a_store_that_has_them_and_a_known_name(true_genie, true_dit, genie, diffusion_data,
