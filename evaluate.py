@@ -5,6 +5,8 @@
   python evaluate.py vae --vae models/vae2 videos/z8r255LoVJc_12fps_320x180   # held-out stretch of the footage
   python evaluate.py dit --models models/ videos/z8r255LoVJc_12fps_320x180 --horizon 16
   python evaluate.py idm videos/coinrun       # how well the true actions can be read off two frames at all
+  python evaluate.py controls genie_true=results/genie_true_eval.json genie_latent=results/genie_eval.json \
+      --gif_models models/genie_true models/genie   # worlds side by side -> results/controls_eval.json and a GIF
   python evaluate.py plot models/genie/logs/tokenizer.json models/genie_4x/logs/tokenizer.json --out results/tok.png
 
 genie reports:
@@ -26,7 +28,8 @@ genie reports:
                                        the share of the most frequent effect class (what a constant guess scores)
   delta_psnr_t4, delta_psnr_long       controllability (Genie's Delta_t PSNR): PSNR of frames generated with the
                                        latent actions inferred from the real clip minus PSNR with random latent
-                                       actions, at t = 4 and at t = --horizon
+                                       actions, at t = 4 and at t = --horizon, at --cfg_scale; *_unguided: the same
+                                       at guidance 1 (guidance moves the random-action rollout too)
   rollout_psnr, baseline_psnr          PSNR per horizon step of the inferred-action rollout, and of copying the
                                        prompt frame (the baseline a world model must beat)
   token_copy_psnr                      copying the prompt frame's tokens: what a dynamics that keeps every token
@@ -59,6 +62,14 @@ a latent Genie world adds, for each of --labels N (labelled training transitions
   following_ceiling                    through them; the first N's keys go to MODELS/controls.json (play.py
                                        --controls game) and its figures to the top level
 
+controls gathers several worlds' genie or dit JSONs (-> results/controls_eval.json), one entry per NAME:
+  following_accuracy, following_ceiling, following_by_class, delta_psnr_t4 (at cfg_scale), delta_psnr_t4_unguided,
+  rollout_psnr, copy_psnr (the prompt's tokens or latent copied: a world that changes nothing), copy_frame_psnr,
+  actions ("true" or "latent"), for a latent world labels (the labelled transitions its keys came from) and
+  following_by_labels; following_of_ceiling, and for a latent world following_of_true_world (its pipeline's
+  true-action world's following). With --gif_models it also writes a GIF: a held-out prompt, "right" held beside
+  "left" held for 12 frames, a row per Genie world
+
 vae reports (-> results/vae_eval.json):
   psnr, ssim                           reconstruction decode(mu) of --frames held-out frames (the 'val' split: held-out
                                        levels, episodes, or the last 10 % of a single video): PSNR (dB) and SSIM
@@ -86,7 +97,8 @@ dit reports (-> results/dit_eval.json and a plot beside it), each a list over ho
   a DiT with latent actions (train_dit.py --lam; its LAM in MODELS/lam) is led on by the LAM's reading of the true
   continuation (psnr, also as rollout_psnr), and adds:
   random_action_psnr, delta_psnr_t4,   the same prompts led on by random latent actions, and the controllability
-  delta_psnr_long                      psnr - random_action_psnr at t = 4 and at t = --horizon (as genie's)
+  delta_psnr_long                      psnr - random_action_psnr at t = 4 and at t = --horizon (as genie's, with
+                                       *_unguided where --cfg_scale is not 1)
   lam_usage, lam_codes_used            the share of the clips' transitions per latent action, those with >= 2 %
   lam_decoder_gain_db,                 as genie's, on the first clip of the LAM's labelling length in each window
   lam_decoder_vs_copy_db
@@ -436,8 +448,8 @@ def latent_controls(args, store, models, infer, num_actions, holder, prompts, de
         if not figures:
             break  # no IDM: one note is enough
     first = controls[str(args.labels[0] or "all")]
-    return {"controls": controls, "key_labels": first["labels"],
-            **{k: first.get(k) for k in ("following_accuracy", "following_ceiling", "follow_frames")}}
+    return {"controls": controls, "key_labels": first["labels"], **{k: first.get(k) for k in (
+        "following_accuracy", "following_ceiling", "following_by_class", "following_ceiling_by_class", "follow_frames")}}
 
 
 def genie_samplers(dynamics_model, args):
@@ -1101,7 +1113,8 @@ def controls_gif(args, device):
     for folder in args.gif_models:
         tokenizer = load_model(Tokenizer, Path(folder) / "tokenizer", device)
         model = load_model(dynamics.Dynamics, Path(folder) / "dynamics", device)
-        check_game(store, model.config, args.data)
+        if model.config.actions == "true":
+            check_game(store, model.config, args.data)
         chosen = class_actions(world_meaning(folder, model.config, controls="game"))
         sampler = dynamics.Sampler(model, temperature=0.0)
         row = []
