@@ -1080,7 +1080,11 @@ def evaluate_controls(args, device):
         name, _, path = pair.partition("=")
         if not name or not Path(path).is_file():
             raise UserError(f"{pair}: give each world as NAME=JSON, the file evaluate.py genie or dit wrote for it")
-        worlds[name] = world_summary(json.loads(Path(path).read_text()))
+        try:
+            worlds[name] = world_summary(json.loads(Path(path).read_text()))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path} is not a JSON that evaluate.py genie or dit wrote (rerun the evaluation with "
+                            f"this evaluate.py)") from None
     true_world = {w["pipeline"]: w for w in worlds.values() if w["actions"] == "true"}
     for w in worlds.values():
         if w["following_accuracy"] is not None and w["following_ceiling"]:

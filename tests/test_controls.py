@@ -111,6 +111,7 @@ def test_a_world_trained_on_true_actions_is_evaluated_against_random_ones(true_g
     # right beside left at 4x; up to 13 frames (the prompt and 12), fewer where the GIF merges equal ones
     assert gif.shape[1:3] == (4 * 64, 2 * 4 * 64) and len(gif) <= 13
     assert_user_error(run(*controls[:2], "genie_true", *controls[4:]), "NAME=JSON")
+    assert_user_error(run(*controls[:2], f"idm={tmp_path / 'idm.json'}", *controls[4:]), "is not a JSON that")
 
 
 def test_true_actions_need_a_store_that_has_them_and_a_known_name(true_genie, true_dit, genie, diffusion_data,
