@@ -448,8 +448,9 @@ def latent_controls(args, store, models, infer, num_actions, holder, prompts, de
         if not figures:
             break  # no IDM: one note is enough
     first = controls[str(args.labels[0] or "all")]
-    return {"controls": controls, "key_labels": first["labels"], **{k: first.get(k) for k in (
-        "following_accuracy", "following_ceiling", "following_by_class", "following_ceiling_by_class", "follow_frames")}}
+    top = ("following_accuracy", "following_ceiling", "following_by_class", "following_ceiling_by_class",
+           "follow_frames")
+    return {"controls": controls, "key_labels": first["labels"], **{k: first.get(k) for k in top}}
 
 
 def genie_samplers(dynamics_model, args):
@@ -512,8 +513,9 @@ def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store)
         sums["tokenizer"].append(psnr(decoded, frames).flatten().cpu())
     results = {k: torch.cat(v).mean(0).tolist() for k, v in sums.items() if k != "tokenizer"}
     t4 = min(4, args.horizon) - 1
-    results.update(pipeline="genie", actions="true", game=dynamics_model.config.game, clips=len(picks), horizon=args.horizon,
-                   maskgit_steps=args.maskgit_steps, temperature=args.temperature, cfg_scale=args.cfg_scale,
+    results.update(pipeline="genie", actions="true", game=dynamics_model.config.game, clips=len(picks),
+                   horizon=args.horizon, maskgit_steps=args.maskgit_steps, temperature=args.temperature,
+                   cfg_scale=args.cfg_scale,
                    tokenizer_psnr=float(torch.cat(sums["tokenizer"]).mean()), **delta_figures(results, t4))
     chosen = class_actions(world_meaning(models, dynamics_model.config))
     results.update(following_of(args, store, genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts),
