@@ -317,8 +317,9 @@ def draw_confusion(path, table, row_names, title):
 
 
 def check_game(store, config, data):
-    """A world trained on a game's true actions is evaluated on that game's frames with their actions."""
-    if not store.has_actions or store.meta["source"] != config.game:
+    """A world trained on a game's true actions is evaluated on that game's frames with their actions (a latent world
+    on any frames)."""
+    if config.actions == "true" and (not store.has_actions or store.meta["source"] != config.game):
         raise UserError(f"{data} holds {store.meta['source']}{'' if store.has_actions else ' without actions'}; the "
                         f"world was trained on the true actions of {config.game}: evaluate it on a store of that game")
 
@@ -923,8 +924,7 @@ def evaluate_dit(args, device):
     c = vae.config
     store = open_frames(args.data, size=(c.width, c.height))
     require_size(store, c.width, c.height)
-    if true_actions:
-        check_game(store, model.config, args.data)
+    check_game(store, model.config, args.data)
     windows = WindowDataset(store, args.prompt_frames + args.horizon, split="val")
     picks = np.linspace(0, len(windows) - 1, min(args.clips, len(windows))).round().astype(int)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -1119,8 +1119,7 @@ def controls_gif(args, device):
     for folder in args.gif_models:
         tokenizer = load_model(Tokenizer, Path(folder) / "tokenizer", device)
         model = load_model(dynamics.Dynamics, Path(folder) / "dynamics", device)
-        if model.config.actions == "true":
-            check_game(store, model.config, args.data)
+        check_game(store, model.config, args.data)
         chosen = class_actions(world_meaning(folder, model.config, controls="game"))
         sampler = dynamics.Sampler(model, temperature=0.0)
         row = []
@@ -1136,9 +1135,10 @@ def controls_gif(args, device):
     print(f"wrote {args.gif}: {' / '.join(args.gif_models)} (rows), right and left held (columns)")
 
 
-def labelled(frames, text, scale=4):
-    """uint8 frames (T, H, W, 3) -> scale times larger, with text on each."""
-    big = np.stack([cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) for f in frames])
+def labelled(frames, text):
+    """uint8 frames (T, H, W, 3) -> enlarged as play.py shows them, with text on each."""
+    from play import enlarge
+    big = np.ascontiguousarray(enlarge(frames))
     for f in big:
         cv2.putText(f, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
     return big
