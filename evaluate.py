@@ -49,13 +49,19 @@ genie reports:
 genie on a world of the game's true actions (train_genie.py --actions true) reports instead:
   rollout_psnr, random_action_psnr,    the rollout under the recorded actions and under random ones of the game, the
   delta_psnr_t4, delta_psnr_long       controllability between them; baseline_psnr, token_copy_psnr, tokenizer_psnr
+  next_frame_ce, action_information    the cross-entropy (nats per token) of the next frame's tokens, all masked,
+                                       after a context's worth of real frames, with the recorded, random and no
+                                       actions; action_information = random - recorded: what the dynamics takes from
+                                       its action, with no IDM in between
+  tokens_changed                       the share of tokens that change from one real frame to the next
   following_accuracy,                  from each held-out prompt each horizontal class (left, none, right) is held for
   following_ceiling,                   FOLLOW_FRAMES frames through the world's action for it (its key: LEFT, NOOP,
-  following_by_class                   RIGHT); the inverse dynamics model of `idm` (--idm, default DATA_idm) names the
-                                       class each transition shows; the share read as the class held, averaged over
+  following_ceiling_decoded,           RIGHT); the inverse dynamics model of `idm` (--idm, default DATA_idm) names the
+  following_by_class                   class each transition shows; the share read as the class held, averaged over
                                        the classes, next to the same reading of real held-out clips during which the
-                                       true actions held one class (the ceiling). A world that ignores its actions
-                                       scores a third; one as good as the game, the ceiling
+                                       true actions held one class (the ceiling), and of those clips through the
+                                       world's tokenizer or VAE (decoded: what its autoencoder leaves to read). A world
+                                       that ignores its actions scores a third; one as good as the game, the ceiling
 a latent Genie world adds, for each of --labels N (labelled training transitions, 0: all):
   controls, key_labels,                the game's keys fitted from N labels (each latent action takes the effect it
   following_accuracy,                  most often had among them; fit_controls) and the world's following figure
@@ -63,8 +69,9 @@ a latent Genie world adds, for each of --labels N (labelled training transitions
                                        --controls game) and its figures to the top level
 
 controls gathers several worlds' genie or dit JSONs (-> results/controls_eval.json), one entry per NAME:
-  following_accuracy, following_ceiling, following_by_class, delta_psnr_t4 (at cfg_scale), delta_psnr_t4_unguided,
-  rollout_psnr, copy_psnr (the prompt's tokens or latent copied: a world that changes nothing), copy_frame_psnr,
+  following_accuracy, following_ceiling, following_ceiling_decoded, following_by_class, delta_psnr_t4 (at
+  cfg_scale), delta_psnr_t4_unguided, rollout_psnr, copy_psnr (the prompt's tokens or latent copied: a world that
+  changes nothing), copy_frame_psnr,
   actions ("true" or "latent"), for a latent world labels (the labelled transitions its keys came from) and
   following_by_labels; following_of_ceiling, and for a latent world following_of_true_world (its pipeline's
   true-action world's following). With --gif_models it also writes a GIF: a held-out prompt, "right" held beside
@@ -338,6 +345,21 @@ def rollout(tokenizer, sampler, first, actions, generator):
 
 
 @torch.no_grad()
+def next_frame_ce(model, tokens, actions, generator):
+    """What a Genie dynamics takes from its action: the cross-entropy (nats per token) of the last frame's tokens,
+    all masked (the first decoding step's view), given the real frames before it. tokens (B, T, rows, cols), actions
+    (B, T - 1) that led from each frame to the next -> (3,): with those actions, with random ones, with "no action"."""
+    target = tokens.flatten(2)  # (B, T, N)
+    masked = torch.cat([target[:, :-1], torch.full_like(target[:, -1:], model.mask_token)], dim=1)
+    shuffled = torch.randint(0, model.config.num_actions, actions.shape, device=actions.device, generator=generator)
+    ce = []
+    for acts in (actions, shuffled, torch.full_like(actions, model.no_action)):
+        logits = model.head(model.hidden(masked, model.frame_conditions(acts)))[:, -1]  # (B, N, V)
+        ce.append(F.cross_entropy(logits.flatten(0, 1).float(), target[:, -1].flatten()))
+    return torch.stack(ce)
+
+
+@torch.no_grad()
 def lam_codes(action_model, dataset, rng, clips, batch_size, device):
     """The LAM's codes before quantisation and the true actions of `clips` random clips of dataset -> (M, C), (M,)."""
     picks = rng.choice(len(dataset), min(clips, len(dataset)), replace=False)
@@ -393,9 +415,10 @@ def print_lam_decoder(results):
 FOLLOW_FRAMES = 4  # frames each horizontal class is held for in the following figure
 
 
-def following_of(args, store, world_rollout, prompts, rng, device):
+def following_of(args, store, world_rollout, prompts, rng, device, render=None):
     """following_figures of a world on `store`'s held-out clips, read by the IDM in --idm (default DATA_idm, made by
-    evaluate.py idm) -> the figures, {} with a note when there is no IDM yet."""
+    evaluate.py idm), render being the world's autoencoder (following_figures) -> the figures, {} with a note when
+    there is no IDM yet."""
     folder = Path(args.idm or idm_folder(store.path))
     if not (folder / "config.json").is_file():
         print(f"no following figure: no inverse dynamics model in {folder} (python evaluate.py idm {args.data})")
@@ -403,7 +426,8 @@ def following_of(args, store, world_rollout, prompts, rng, device):
     idm = load_model(InverseDynamics, folder, device)
     names = store.action_names
     held = held_clips(store, FOLLOW_FRAMES + 1, names, len(prompts), rng)
-    return {**following_figures(idm, world_rollout, prompts, held, args.batch_size), "follow_frames": FOLLOW_FRAMES}
+    return {**following_figures(idm, world_rollout, prompts, held, args.batch_size, render),
+            "follow_frames": FOLLOW_FRAMES}
 
 
 def dit_holder(vae, model, sampler, chosen, generator):
@@ -421,6 +445,16 @@ def dit_holder(vae, model, sampler, chosen, generator):
     return hold
 
 
+def through_tokenizer(tokenizer):
+    """following_figures' render of a Genie world: clips (B, T, 3, H, W) -> as its tokenizer reconstructs them."""
+    return lambda clips: tokenizer.decode(tokenizer.encode(clips.flatten(0, 1))).unflatten(0, clips.shape[:2])
+
+
+def through_vae(vae):
+    """following_figures' render of a diffusion world: clips (B, T, 3, H, W) -> decode(mu) of its ViT-VAE."""
+    return lambda clips: vae.decode(vae.encode(clips.flatten(0, 1))[0]).float().unflatten(0, clips.shape[:2])
+
+
 def genie_holder(tokenizer, sampler, chosen, generator):
     """following_figures' world_rollout of a Genie world whose action for each horizontal class is chosen[class]."""
     def hold(prompt, c):  # prompt (B, 1, 3, H, W) -> it and FOLLOW_FRAMES frames under the class's action
@@ -432,25 +466,25 @@ def genie_holder(tokenizer, sampler, chosen, generator):
     return hold
 
 
-def latent_controls(args, store, models, infer, num_actions, holder, prompts, device):
+def latent_controls(args, store, models, infer, num_actions, holder, prompts, device, render):
     """The game's keys for a latent world, fitted from each of --labels labelled training transitions
     (fit_controls, with the world's LAM: infer), and how the world follows them (following_figures, through
-    holder(chosen) -> its world_rollout) -> figures; the keys of the first --labels go to MODELS/controls.json, where
-    play.py --controls game finds them."""
+    holder(chosen) -> its world_rollout, render its autoencoder) -> figures; the keys of the first --labels go to
+    MODELS/controls.json, where play.py --controls game finds them."""
     controls = {}
     for labels in args.labels:
         fitted = fit_controls(infer, num_actions, store, labels, args.horizon + 1, np.random.default_rng(args.seed),
                               args.batch_size, device)
         chosen = class_actions(fitted["meaning"])
-        figures = following_of(args, store, holder(chosen), prompts, np.random.default_rng(args.seed), device)
+        figures = following_of(args, store, holder(chosen), prompts, np.random.default_rng(args.seed), device, render)
         controls[str(labels or "all")] = {"labels": fitted["labels"], "class_actions": chosen, **figures}
         if labels == args.labels[0]:
             atomic_write_text(models / "controls.json", json.dumps({"data": str(args.data), **fitted}, indent=1))
         if not figures:
             break  # no IDM: one note is enough
     first = controls[str(args.labels[0] or "all")]
-    top = ("following_accuracy", "following_ceiling", "following_by_class", "following_ceiling_by_class",
-           "follow_frames")
+    top = ("following_accuracy", "following_ceiling", "following_ceiling_decoded", "following_by_class",
+           "following_ceiling_by_class", "following_ceiling_decoded_by_class", "follow_frames")
     return {"controls": controls, "key_labels": first["labels"], **{k: first.get(k) for k in top}}
 
 
@@ -494,15 +528,21 @@ def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store)
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(dataset), min(args.clips, len(dataset)), replace=False)
     generator = torch.Generator(device).manual_seed(args.seed)
-    sums = {k: [] for k in ("baseline_psnr", "token_copy_psnr", "tokenizer")}
-    prompts = []
+    sums = {k: [] for k in ("baseline_psnr", "token_copy_psnr", "tokenizer", "next_frame_ce", "tokens_changed")}
+    prompts, context = [], dynamics_model.config.context
+    ce_generator = torch.Generator(device).manual_seed(args.seed + 3)  # apart, so the rollouts' draws stay as they were
     for i in range(0, len(picks), args.batch_size):
         batch = [dataset[int(j)] for j in picks[i:i + args.batch_size]]
         frames = from_uint8(torch.stack([b["frames"] for b in batch]).to(device))  # (B, T, 3, 64, 64)
         actions = torch.stack([b["actions"][:-1] for b in batch]).to(device)  # (B, T - 1): the recorded ones
         prompts.append(torch.stack([b["frames"][:1] for b in batch]))
         target = frames[:, 1:]
-        decoded = tokenizer.decode(tokenizer.encode(frames.flatten(0, 1))).unflatten(0, frames.shape[:2])
+        tokens = tokenizer.encode(frames.flatten(0, 1))  # (B * T, rows, cols)
+        decoded = tokenizer.decode(tokens).unflatten(0, frames.shape[:2])
+        tokens = tokens.unflatten(0, frames.shape[:2])
+        sums["next_frame_ce"].append(next_frame_ce(dynamics_model, tokens[:, :context], actions[:, :context - 1],
+                                                   ce_generator)[None].cpu())
+        sums["tokens_changed"].append((tokens[:, 1:] != tokens[:, :-1]).float().mean((1, 2, 3)).cpu())
         shuffled = torch.randint(0, dynamics_model.config.num_actions, actions.shape, device=device,
                                  generator=generator)
         for guidance, each in samplers.items():
@@ -513,20 +553,28 @@ def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store)
         sums["token_copy_psnr"].append(psnr(decoded[:, :1].expand_as(target), target).cpu())
         sums["tokenizer"].append(psnr(decoded, frames).flatten().cpu())
     results = {k: torch.cat(v).mean(0).tolist() for k, v in sums.items() if k != "tokenizer"}
+    results["next_frame_ce"] = dict(zip(("recorded", "random", "none"), results["next_frame_ce"]))
     t4 = min(4, args.horizon) - 1
     results.update(pipeline="genie", actions="true", game=dynamics_model.config.game, clips=len(picks),
                    horizon=args.horizon, maskgit_steps=args.maskgit_steps, temperature=args.temperature,
                    cfg_scale=args.cfg_scale,
-                   tokenizer_psnr=float(torch.cat(sums["tokenizer"]).mean()), **delta_figures(results, t4))
+                   tokenizer_psnr=float(torch.cat(sums["tokenizer"]).mean()), **delta_figures(results, t4),
+                   action_information=results["next_frame_ce"]["random"] - results["next_frame_ce"]["recorded"])
     chosen = class_actions(world_meaning(models, dynamics_model.config))
     results.update(following_of(args, store, genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts),
-                                np.random.default_rng(args.seed), device), class_actions=chosen)
+                                np.random.default_rng(args.seed), device, through_tokenizer(tokenizer)),
+                   class_actions=chosen)
     json_path = Path(args.json or "results/genie_eval.json")
     atomic_write_text(json_path, json.dumps(results, indent=1))
     print(f"held-out clips        {len(picks)} x {args.horizon + 1} frames of {args.data}; the world of "
           f"{dynamics_model.config.game}'s true actions (MaskGIT {args.maskgit_steps} steps, guidance "
           f"{args.cfg_scale:g})")
-    print(f"tokenizer PSNR        {results['tokenizer_psnr']:.2f} dB")
+    print(f"tokenizer PSNR        {results['tokenizer_psnr']:.2f} dB; {results['tokens_changed']:.1%} of the tokens "
+          f"change from one frame to the next")
+    ce = results["next_frame_ce"]
+    print(f"next frame's tokens   cross-entropy {ce['recorded']:.3f} nats with the recorded actions, "
+          f"{ce['random']:.3f} with random ones, {ce['none']:.3f} with none: the action is worth "
+          f"{results['action_information']:.3f}")
     print_delta(results, args.horizon, "recorded - random actions")
     print_following(results)
     print("horizon step          " + " ".join(f"{t:6d}" for t in range(1, args.horizon + 1)))
@@ -624,7 +672,8 @@ def evaluate_genie(args, device):
         results.update(delta_figures(results, t4))
         results.update(latent_controls(
             args, store, models, action_model.infer_actions, num_actions,
-            lambda chosen: genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts), device))
+            lambda chosen: genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts), device,
+            through_tokenizer(tokenizer)))
     table = np.zeros((len(names), num_actions), np.int64)
     np.add.at(table, (true, latent), 1)
     results["confusion"] = table.tolist()
@@ -791,23 +840,26 @@ HORIZONTAL = ("left", "none", "right")
 
 
 @torch.no_grad()
-def following_figures(idm, world_rollout, prompts, held, batch_size):
+def following_figures(idm, world_rollout, prompts, held, batch_size, render=None):
     """How well a world follows the actions it is given, read off its frames by the IDM (trained on real frames):
     from each prompt, each horizontal class (left, none, right) is held for the clip's length through the world's
     action for it, and the IDM names the class each generated transition shows.
 
     idm: InverseDynamics; world_rollout(prompt clips (B, P, 3, H, W) in [-1, 1], class (int)) -> the clip it made
     (B, L + 1, 3, H, W): the last prompt frame then L generated ones, or None when the world has no action for that
-    class (it then follows none of that class's transitions: 0); prompts: held-out clips (N, P, 3, H, W) uint8 whose last frame is the one the world continues; held: {class: real held-out clips (M, L + 1, 3, H, W) uint8 during which the true
-    actions all had that class}, for the ceiling. -> following_accuracy (mean over the classes of the share of
-    generated transitions read as the class held), following_ceiling (the same reading of the real clips),
-    per-class figures of both."""
+    class (it then follows none of that class's transitions: 0); prompts: held-out clips (N, P, 3, H, W) uint8 whose
+    last frame is the one the world continues; held: {class: real held-out clips (M, L + 1, 3, H, W) uint8 during
+    which the true actions all had that class}, for the ceiling; render(clips (B, L + 1, 3, H, W) floats) -> the same
+    clips as the world renders them (through its tokenizer or VAE), or None. -> following_accuracy (mean over the
+    classes of the share of generated transitions read as the class held), following_ceiling (the same reading of
+    the real clips), following_ceiling_decoded (of the real clips through render: what the world's own autoencoder
+    leaves the IDM to read, so the most such a world can score), per-class figures of each."""
     device = next(idm.parameters()).device
 
     def read(clips):  # (B, L + 1, 3, H, W) floats -> the IDM's horizontal class of each transition (B, L)
         return idm.horizontal(clips[:, :-1].flatten(0, 1), clips[:, 1:].flatten(0, 1)).view(len(clips), -1)
 
-    generated, ceiling = {}, {}
+    generated, ceiling, decoded = {}, {}, {}
     for c, name in enumerate(HORIZONTAL):
         hits = []
         for i in range(0, len(prompts), batch_size):
@@ -816,13 +868,16 @@ def following_figures(idm, world_rollout, prompts, held, batch_size):
                 break
             hits.append((read(clips.float()) == c).float().mean().item())
         generated[name] = float(np.mean(hits)) if hits else 0.0
-        if len(held.get(c, [])):
-            clips = held[c]
-            ceiling[name] = float(np.mean([(read(from_uint8(clips[i:i + batch_size].to(device))) == c).float()
-                                           .mean().item() for i in range(0, len(clips), batch_size)]))
+        clips = held.get(c, [])
+        for out, view in ((ceiling, lambda x: x), (decoded, render)):
+            if len(clips) and view is not None:
+                out[name] = float(np.mean([(read(view(from_uint8(clips[i:i + batch_size].to(device))).float()) == c)
+                                           .float().mean().item() for i in range(0, len(clips), batch_size)]))
     return {"following_accuracy": float(np.mean(list(generated.values()))),
             "following_ceiling": float(np.mean(list(ceiling.values()))) if ceiling else None,
-            "following_by_class": generated, "following_ceiling_by_class": ceiling}
+            "following_ceiling_decoded": float(np.mean(list(decoded.values()))) if decoded else None,
+            "following_by_class": generated, "following_ceiling_by_class": ceiling,
+            "following_ceiling_decoded_by_class": decoded}
 
 
 def held_clips(store, length, names, count, rng):
@@ -848,7 +903,8 @@ def print_following(results):
     for name, figures in sets.items():
         if figures.get("following_accuracy") is not None:
             print(f"following, {name}: {figures['following_accuracy']:.1%} of the transitions read as the class held "
-                  f"(ceiling, real clips: {figures['following_ceiling']:.1%}); " + ", ".join(
+                  f"(ceiling, real clips: {figures['following_ceiling']:.1%}; through the world's autoencoder: "
+                  f"{figures['following_ceiling_decoded']:.1%}); " + ", ".join(
                       f"{k} {v:.0%}" for k, v in figures["following_by_class"].items()))
 
 
@@ -1008,13 +1064,13 @@ def evaluate_dit(args, device):
         from play import world_meaning
         chosen = class_actions(world_meaning(args.models, model.config))
         result.update(following_of(args, store, dit_holder(vae, model, sampler, chosen, generator), torch.cat(prompts),
-                                   np.random.default_rng(args.seed), device), class_actions=chosen)
+                                   np.random.default_rng(args.seed), device, through_vae(vae)), class_actions=chosen)
     elif conditioned:
         def infer(frames):  # clips (B, T, 3, H, W) -> the LAM's actions of their transitions (B, T - 1)
             return inferred_actions(action_model, model, encode_clips(vae, model, frames, generator)[1])[:, 1:]
         result.update(latent_controls(args, store, Path(args.models), infer, model.config.num_actions,
                                       lambda chosen: dit_holder(vae, model, sampler, chosen, generator),
-                                      torch.cat(prompts), device))
+                                      torch.cat(prompts), device, through_vae(vae)))
     json_path = Path(args.json or "results/dit_eval.json")
     atomic_write_text(json_path, json.dumps(result, indent=1))
     if "meaning" in result:
@@ -1063,7 +1119,8 @@ def world_summary(results):
     """The control figures of one world from its evaluate.py genie or dit JSON -> one controls_eval.json entry."""
     pipeline = results["pipeline"]
     entry = {"pipeline": pipeline, "actions": results.get("actions", "latent"), "cfg_scale": results["cfg_scale"],
-             **{k: results.get(k) for k in ("following_accuracy", "following_ceiling", "following_by_class",
+             **{k: results.get(k) for k in ("following_accuracy", "following_ceiling", "following_ceiling_decoded",
+                                            "following_by_class",
                                             "delta_psnr_t4", "delta_psnr_t4_unguided", "rollout_psnr")},
              # what a world that changes nothing scores through its own autoencoder: the copy a rollout must beat
              "copy_psnr": results["token_copy_psnr" if pipeline == "genie" else "latent_copy_psnr"],
@@ -1095,12 +1152,12 @@ def evaluate_controls(args, device):
             w["following_of_true_world"] = w["following_accuracy"] / true_w["following_accuracy"]
     json_path = Path(args.json)
     atomic_write_text(json_path, json.dumps(worlds, indent=1))
-    print(f"{'world':<16}{'actions':>8}{'following':>11}{'ceiling':>9}{'Delta t=4':>11}{'unguided':>10}"
+    print(f"{'world':<16}{'actions':>8}{'following':>11}{'ceiling':>9}{'decoded':>9}{'Delta t=4':>11}{'unguided':>10}"
           f"{'rollout t=last':>16}{'copy':>8}")
     for name, w in worlds.items():
-        follow = "-" if w["following_accuracy"] is None else f"{w['following_accuracy']:.1%}"
-        ceiling = "-" if w["following_ceiling"] is None else f"{w['following_ceiling']:.1%}"
-        print(f"{name:<16}{w['actions']:>8}{follow:>11}{ceiling:>9}{w['delta_psnr_t4']:>+10.2f} "
+        follow, ceiling, decoded = ("-" if w[k] is None else f"{w[k]:.1%}" for k in (
+            "following_accuracy", "following_ceiling", "following_ceiling_decoded"))
+        print(f"{name:<16}{w['actions']:>8}{follow:>11}{ceiling:>9}{decoded:>9}{w['delta_psnr_t4']:>+10.2f} "
               f"{w['delta_psnr_t4_unguided']:>+9.2f} {w['rollout_psnr'][-1]:>15.2f} {w['copy_psnr'][-1]:>7.2f}")
     print(f"wrote {json_path}")
     if args.gif_models:

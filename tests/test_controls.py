@@ -86,6 +86,9 @@ def test_a_world_trained_on_true_actions_is_evaluated_against_random_ones(true_g
     assert figures["cfg_scale"] != 1 and figures["delta_psnr_t4_unguided"] == pytest.approx(
         figures["rollout_psnr_unguided"][3] - figures["random_action_psnr_unguided"][3])
     assert figures["rollout_psnr_unguided"] != figures["rollout_psnr"]  # the guidance changes the frames
+    ce = figures["next_frame_ce"]
+    assert all(0 < ce[k] < 20 for k in ("recorded", "random", "none")) and 0 < figures["tokens_changed"] < 1
+    assert figures["action_information"] == pytest.approx(ce["random"] - ce["recorded"])
     assert "no following figure: no inverse dynamics model" in result.stdout
     result = run("evaluate.py", "idm", diffusion_data["store"], "--steps", 5, "--batch_size", 8, "--transitions", 16,
                  "--json", tmp_path / "idm.json", "--out", tmp_path / "idm")
@@ -96,6 +99,7 @@ def test_a_world_trained_on_true_actions_is_evaluated_against_random_ones(true_g
     figures = json.loads((tmp_path / "dit.json").read_text())
     assert figures["actions"] == "true" and "random_action_psnr" in figures and "lam_usage" not in figures
     assert 0 <= figures["following_accuracy"] <= 1 and set(figures["following_by_class"]) == {"left", "none", "right"}
+    assert 0 <= figures["following_ceiling_decoded"] <= 1  # the held clips through the ViT-VAE
     assert figures["class_actions"] == {"0": 1, "1": 4, "2": 7}  # LEFT, NOOP, RIGHT
     # both worlds side by side, and the Genie world with right and left held from one prompt
     controls = ["evaluate.py", "controls", f"genie_true={tmp_path / 'genie.json'}", f"dit_true={tmp_path / 'dit.json'}",
@@ -158,10 +162,17 @@ def test_the_real_held_transitions_score_the_ceiling_and_a_world_that_ignores_it
 
     def replaying(prompt, c):  # a world that plays back the real clip of the class it is told to hold
         return from_uint8(held[c])
-    figures = following_figures(idm, replaying, held[0][:, :1], held, batch_size=64)
+    figures = following_figures(idm, replaying, held[0][:, :1], held, batch_size=64, render=lambda clips: clips)
     assert figures["following_ceiling"] > 0.9  # the IDM reads the sliding views (measured 1.0)
     assert figures["following_accuracy"] == pytest.approx(figures["following_ceiling"])
     assert figures["following_by_class"] == pytest.approx(figures["following_ceiling_by_class"])
+    assert figures["following_ceiling_decoded"] == figures["following_ceiling"]  # an autoencoder that loses nothing
+
+    def frozen(clips):  # an autoencoder that loses all motion: every frame comes back as the clip's first
+        return clips[:, :1].expand_as(clips)
+    figures = following_figures(idm, replaying, held[0][:, :1], held, batch_size=64, render=frozen)
+    assert figures["following_ceiling_decoded"] == pytest.approx(1 / 3)  # whatever it reads, it reads for all classes
+    assert figures["following_ceiling"] > 0.9
 
     def ignoring(prompt, c):  # the same frames whatever it is told
         return from_uint8(held[1])
