@@ -65,11 +65,13 @@ def action_weights(names):
 
 # ----------------------------------------------------------------------------- collectors
 
-def collect_procgen(game, out, frames, num_envs, start_level, num_levels, distribution_mode, seed, size, max_hold):
+def collect_procgen(game, out, frames, num_envs, start_level, num_levels, distribution_mode, seed, size, max_hold,
+                    frame_skip=1):
     """procgen frames (64x64 observations, or the 512x512 render resized to `size`), actions, episodes, levels.
 
     Env j fills frames [j * steps, (j + 1) * steps): each env's trajectory stays contiguous, and its block starts
-    a new episode. actions[i] is the action taken on seeing frame i (procgen: observe, then act).
+    a new episode. actions[i] is the action taken on seeing frame i (procgen: observe, then act), for frame_skip
+    game steps: frame i + 1 is what the game shows after them (an episode that ended among them starts at it).
     """
     from procgen import ProcgenGym3Env
     from procgen.env import ENV_NAMES
@@ -85,11 +87,13 @@ def collect_procgen(game, out, frames, num_envs, start_level, num_levels, distri
     steps = math.ceil(frames / num_envs)
     position = np.arange(num_envs) * steps  # where env j writes its frame of step 0
     levels = {}  # first frame of an episode -> its level
+    started = np.zeros(num_envs, bool)  # an episode began during the skipped steps
     with atomic_dir(out) as tmp:
         store = FrameWriter(tmp, frames, height, width)
         actions = np.zeros(frames, np.int64)
         for step in tqdm(range(steps), unit="step", unit_scale=num_envs, desc=f"collect procgen:{game}"):
             _, obs, first = env.observe()
+            first = first | started
             keep = position + step < frames
             if render:
                 rgb = np.stack([cv2.resize(i["rgb"], (width, height), interpolation=cv2.INTER_AREA)
@@ -105,14 +109,19 @@ def collect_procgen(game, out, frames, num_envs, start_level, num_levels, distri
             store.write(position[keep] + step, rgb[keep])
             actions[position[keep] + step] = action[keep]
             env.act(action.astype(np.int32))
+            started[:] = False
+            for _ in range(frame_skip - 1):
+                started |= env.observe()[2]
+                env.act(action.astype(np.int32))
         store.close()
         np.save(tmp / ACTIONS, actions)
         episode_starts = sorted(levels)
-        write_meta(tmp, source=f"procgen:{game}", fps=15.0, height=height, width=width, count=frames,
+        write_meta(tmp, source=f"procgen:{game}", fps=15.0 / frame_skip, height=height, width=width, count=frames,
                    episode_starts=episode_starts, levels=[levels[s] for s in episode_starts],
                    num_actions=len(names), action_names=names,
                    collector=dict(num_envs=num_envs, start_level=start_level, num_levels=num_levels,
-                                  distribution_mode=distribution_mode, seed=seed, max_hold=max_hold))
+                                  distribution_mode=distribution_mode, seed=seed, max_hold=max_hold,
+                                  frame_skip=frame_skip))
 
 
 def collect_ale(game, out, frames, num_envs, seed, size, max_hold):
@@ -281,6 +290,9 @@ def main():
     parser.add_argument("--max_height", type=positive(int),
                         help="videos: download the largest stream up to this many rows instead")
     parser.add_argument("--max_hold", type=positive(int), default=12, help="games: longest an action is held")
+    parser.add_argument("--frame_skip", type=positive(int), default=1,
+                        help="procgen: game steps each recorded action is repeated for; a frame is kept after each "
+                             "repeat, so one transition shows frame_skip steps of motion (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="games: seed of the environments and the policy")
     parser.add_argument("--overwrite", action="store_true", help="games: replace an existing store at --out")
     args = parser.parse_args()
@@ -296,7 +308,9 @@ def main():
         size = parse_size(args.size) if args.size else None
         if kind == "procgen":
             collect_procgen(game, out, args.frames, args.num_envs, args.start_level, args.num_levels,
-                            args.distribution_mode, args.seed, size, args.max_hold)
+                            args.distribution_mode, args.seed, size, args.max_hold, args.frame_skip)
+        elif args.frame_skip != 1:
+            raise UserError("--frame_skip is for procgen; the ALE collector repeats each action 4 times already")
         else:
             collect_ale(game, out, args.frames, args.num_envs, args.seed, size, args.max_hold)
         print(describe(FrameStore(out)))

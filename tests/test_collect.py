@@ -68,3 +68,20 @@ def test_ale_breakout_collects_frames_and_actions(tmp_path):
     assert store.meta["action_names"] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
     assert len(np.unique(store.actions)) >= 3 and run_lengths(np.asarray(store.actions)).mean() >= 3
     assert store.frames[:, 100:].std() > 0  # the game moved
+
+
+def test_frame_skip_repeats_each_action_and_keeps_one_frame_per_repeat(coinrun, tmp_path):
+    """The same seed and envs as the coinrun store with --frame_skip 4: the same first frame of each env, then four
+    game steps of motion between kept frames instead of one."""
+    result = run("download.py", "procgen:coinrun", "--frames", 600, "--num_envs", 4, "--seed", 1, "--frame_skip", 4,
+                 "--out", tmp_path / "skip")
+    assert result.returncode == 0, result.stderr
+    one, four = FrameStore(coinrun), FrameStore(tmp_path / "skip")
+    assert four.meta["fps"] == 3.75 and four.meta["collector"]["frame_skip"] == 4
+    starts = np.arange(4) * 150  # each env's block begins with its first frame
+    assert np.array_equal(np.asarray(four.frames[starts]), np.asarray(one.frames[starts]))
+
+    def motion(store):  # mean absolute change between consecutive frames of an episode
+        frames, cuts = np.asarray(store.frames, np.float32), set(store.meta["episode_starts"])
+        return np.mean([np.abs(frames[i + 1] - frames[i]).mean() for i in range(599) if i + 1 not in cuts])
+    assert motion(four) > 1.5 * motion(one)
