@@ -89,6 +89,9 @@ idm reports (-> results/idm_eval.json), the ceiling for the genie latent-action 
                                        all. A LAM learns without labels, so these bound what its figures can reach.
                                        The model is saved beside the store (DATA_idm, or --out): the reader of the
                                        following figures
+  horizontal_accuracy_one_frame,       the same held-out transitions read from the later frame twice, and from the
+  horizontal_accuracy_reversed,        pair in reverse order: how much of the horizontal reading needs no motion (a
+  horizontal_none_share                reader of motion alone scores about the share with no horizontal action)
 
 dit reports (-> results/dit_eval.json and a plot beside it), each a list over horizon steps 1..--horizon:
   psnr, ssim                           the DiT's continuation of --clips held-out clips (prompt: --prompt_frames true
@@ -415,19 +418,19 @@ def print_lam_decoder(results):
 FOLLOW_FRAMES = 4  # frames each horizontal class is held for in the following figure
 
 
-def following_of(args, store, world_rollout, prompts, rng, device, render=None):
-    """following_figures of a world on `store`'s held-out clips, read by the IDM in --idm (default DATA_idm, made by
-    evaluate.py idm), render being the world's autoencoder (following_figures) -> the figures, {} with a note when
-    there is no IDM yet."""
+def following_judge(args, store, prompts, rng, device, render=None):
+    """The judge of how worlds on `store` follow held actions from `prompts`, read by the IDM in --idm (default
+    DATA_idm, made by evaluate.py idm): the held-out clips and the ceilings (following_ceiling_figures, render being
+    the worlds' autoencoder) are computed once -> judge(world_rollout) -> following_figures and the ceilings; with no
+    IDM yet, a note and a judge that returns {}."""
     folder = Path(args.idm or idm_folder(store.path))
     if not (folder / "config.json").is_file():
         print(f"no following figure: no inverse dynamics model in {folder} (python evaluate.py idm {args.data})")
-        return {}
+        return lambda world_rollout: {}
     idm = load_model(InverseDynamics, folder, device)
-    names = store.action_names
-    held = held_clips(store, FOLLOW_FRAMES + 1, names, len(prompts), rng)
-    return {**following_figures(idm, world_rollout, prompts, held, args.batch_size, render),
-            "follow_frames": FOLLOW_FRAMES}
+    held = held_clips(store, FOLLOW_FRAMES + 1, store.action_names, len(prompts), rng)
+    ceilings = {**following_ceiling_figures(idm, held, args.batch_size, render), "follow_frames": FOLLOW_FRAMES}
+    return lambda world_rollout: {**following_figures(idm, world_rollout, prompts, args.batch_size), **ceilings}
 
 
 def dit_holder(vae, model, sampler, chosen, generator):
@@ -468,15 +471,16 @@ def genie_holder(tokenizer, sampler, chosen, generator):
 
 def latent_controls(args, store, models, infer, num_actions, holder, prompts, device, render):
     """The game's keys for a latent world, fitted from each of --labels labelled training transitions
-    (fit_controls, with the world's LAM: infer), and how the world follows them (following_figures, through
+    (fit_controls, with the world's LAM: infer), and how the world follows them (following_judge, through
     holder(chosen) -> its world_rollout, render its autoencoder) -> figures; the keys of the first --labels go to
     MODELS/controls.json, where play.py --controls game finds them."""
     controls = {}
+    judge = following_judge(args, store, prompts, np.random.default_rng(args.seed), device, render)
     for labels in args.labels:
         fitted = fit_controls(infer, num_actions, store, labels, args.horizon + 1, np.random.default_rng(args.seed),
                               args.batch_size, device)
         chosen = class_actions(fitted["meaning"])
-        figures = following_of(args, store, holder(chosen), prompts, np.random.default_rng(args.seed), device, render)
+        figures = judge(holder(chosen))
         controls[str(labels or "all")] = {"labels": fitted["labels"], "class_actions": chosen, **figures}
         if labels == args.labels[0]:
             atomic_write_text(models / "controls.json", json.dumps({"data": str(args.data), **fitted}, indent=1))
@@ -561,9 +565,9 @@ def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store)
                    tokenizer_psnr=float(torch.cat(sums["tokenizer"]).mean()), **delta_figures(results, t4),
                    action_information=results["next_frame_ce"]["random"] - results["next_frame_ce"]["recorded"])
     chosen = class_actions(world_meaning(models, dynamics_model.config))
-    results.update(following_of(args, store, genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts),
-                                np.random.default_rng(args.seed), device, through_tokenizer(tokenizer)),
-                   class_actions=chosen)
+    judge = following_judge(args, store, torch.cat(prompts), np.random.default_rng(args.seed), device,
+                            through_tokenizer(tokenizer))
+    results.update(judge(genie_holder(tokenizer, sampler, chosen, generator)), class_actions=chosen)
     json_path = Path(args.json or "results/genie_eval.json")
     atomic_write_text(json_path, json.dumps(results, indent=1))
     print(f"held-out clips        {len(picks)} x {args.horizon + 1} frames of {args.data}; the world of "
@@ -813,18 +817,25 @@ def evaluate_idm(args, device):
         loss.backward()
         optimizer.step()
     model.eval()
-    predicted, true = [], []
+    # Besides each pair as it happened, the later frame twice and the pair reversed: what the IDM reads without
+    # motion, and whether the order of the frames matters to it (motion reversed is the opposite direction).
+    views = {"": lambda f: (f[:, 0], f[:, 1]), "_one_frame": lambda f: (f[:, 1], f[:, 1]),
+             "_reversed": lambda f: (f[:, 1], f[:, 0])}
+    predicted, true = {view: [] for view in views}, []
     with torch.no_grad():
         picks = rng.choice(len(val), min(args.transitions, len(val)), replace=False)
         for i in range(0, len(picks), args.batch_size):
             frames, effect = batch(val, picks[i:i + args.batch_size])
-            predicted.append(model(frames[:, 0], frames[:, 1]).argmax(1).cpu())
+            for view, pair in views.items():
+                predicted[view].append(model(*pair(frames)).argmax(1).cpu())
             true.append(effect.cpu())
-    predicted, true = torch.cat(predicted).numpy(), torch.cat(true).numpy()
+    predicted, true = {view: torch.cat(p).numpy() for view, p in predicted.items()}, torch.cat(true).numpy()
     results = {"steps": args.steps, "transitions": len(true), "effects": effects,
-               "effect_accuracy": float((predicted == true).mean()),
-               "horizontal_accuracy": float((horizontal_of_effect[predicted] == horizontal_of_effect[true]).mean()),
-               "nmi_effect": normalised_mutual_information(true, predicted),
+               "effect_accuracy": float((predicted[""] == true).mean()),
+               **{"horizontal_accuracy" + view: float((horizontal_of_effect[p] == horizontal_of_effect[true]).mean())
+                  for view, p in predicted.items()},
+               "horizontal_none_share": float((horizontal_of_effect[true] == 1).mean()),
+               "nmi_effect": normalised_mutual_information(true, predicted[""]),
                "effect_majority": float(np.bincount(true).max() / len(true))}
     json_path, out = Path(args.json or "results/idm_eval.json"), Path(args.out or idm_folder(store.path))
     atomic_write_text(json_path, json.dumps(results, indent=1))
@@ -832,6 +843,10 @@ def evaluate_idm(args, device):
     print(f"inverse dynamics from two frames, {args.steps} steps, {len(true)} held-out transitions: effect accuracy "
           f"{results['effect_accuracy']:.1%} (majority {results['effect_majority']:.1%}), horizontal "
           f"{results['horizontal_accuracy']:.1%}, NMI with the effects {results['nmi_effect']:.3f}")
+    print(f"the same transitions' horizontal class read from the later frame alone: "
+          f"{results['horizontal_accuracy_one_frame']:.1%}; from the pair reversed: "
+          f"{results['horizontal_accuracy_reversed']:.1%} (a reader of motion alone: about the share with no horizontal "
+          f"action, {results['horizontal_none_share']:.1%})")
     print(f"wrote {json_path} and the model {out} (evaluate.py genie and dit read the worlds' frames with it)")
     return results
 
@@ -839,8 +854,13 @@ def evaluate_idm(args, device):
 HORIZONTAL = ("left", "none", "right")
 
 
+def read_horizontal(idm, clips):
+    """The IDM's horizontal class of each transition of clips (B, L + 1, 3, H, W) floats in [-1, 1] -> (B, L)."""
+    return idm.horizontal(clips[:, :-1].flatten(0, 1), clips[:, 1:].flatten(0, 1)).view(len(clips), -1)
+
+
 @torch.no_grad()
-def following_figures(idm, world_rollout, prompts, held, batch_size, render=None):
+def following_figures(idm, world_rollout, prompts, batch_size):
     """How well a world follows the actions it is given, read off its frames by the IDM (trained on real frames):
     from each prompt, each horizontal class (left, none, right) is held for the clip's length through the world's
     action for it, and the IDM names the class each generated transition shows.
@@ -848,36 +868,40 @@ def following_figures(idm, world_rollout, prompts, held, batch_size, render=None
     idm: InverseDynamics; world_rollout(prompt clips (B, P, 3, H, W) in [-1, 1], class (int)) -> the clip it made
     (B, L + 1, 3, H, W): the last prompt frame then L generated ones, or None when the world has no action for that
     class (it then follows none of that class's transitions: 0); prompts: held-out clips (N, P, 3, H, W) uint8 whose
-    last frame is the one the world continues; held: {class: real held-out clips (M, L + 1, 3, H, W) uint8 during
-    which the true actions all had that class}, for the ceiling; render(clips (B, L + 1, 3, H, W) floats) -> the same
-    clips as the world renders them (through its tokenizer or VAE), or None. -> following_accuracy (mean over the
-    classes of the share of generated transitions read as the class held), following_ceiling (the same reading of
-    the real clips), following_ceiling_decoded (of the real clips through render: what the world's own autoencoder
-    leaves the IDM to read, so the most such a world can score), per-class figures of each."""
+    last frame is the one the world continues. -> following_accuracy (mean over the classes of the share of
+    generated transitions read as the class held) and following_by_class."""
     device = next(idm.parameters()).device
-
-    def read(clips):  # (B, L + 1, 3, H, W) floats -> the IDM's horizontal class of each transition (B, L)
-        return idm.horizontal(clips[:, :-1].flatten(0, 1), clips[:, 1:].flatten(0, 1)).view(len(clips), -1)
-
-    generated, ceiling, decoded = {}, {}, {}
+    generated = {}
     for c, name in enumerate(HORIZONTAL):
         hits = []
         for i in range(0, len(prompts), batch_size):
             clips = world_rollout(from_uint8(prompts[i:i + batch_size].to(device)), c)
             if clips is None:
                 break
-            hits.append((read(clips.float()) == c).float().mean().item())
+            hits.append((read_horizontal(idm, clips.float()) == c).float().mean().item())
         generated[name] = float(np.mean(hits)) if hits else 0.0
+    return {"following_accuracy": float(np.mean(list(generated.values()))), "following_by_class": generated}
+
+
+@torch.no_grad()
+def following_ceiling_figures(idm, held, batch_size, render=None):
+    """What following_figures can be compared with: the same reading of real held-out clips, held: {class: (M, L + 1,
+    3, H, W) uint8 during which the true actions all had that class}; render(clips (B, L + 1, 3, H, W) floats) -> the
+    same clips as a world renders them (through its tokenizer or VAE), or None. -> following_ceiling (the real
+    clips), following_ceiling_decoded (the real clips through render: what the world's own autoencoder leaves the IDM
+    to read, so the most such a world can score), and their per-class figures."""
+    device = next(idm.parameters()).device
+    ceiling, decoded = {}, {}
+    for c, name in enumerate(HORIZONTAL):
         clips = held.get(c, [])
         for out, view in ((ceiling, lambda x: x), (decoded, render)):
             if len(clips) and view is not None:
-                out[name] = float(np.mean([(read(view(from_uint8(clips[i:i + batch_size].to(device))).float()) == c)
-                                           .float().mean().item() for i in range(0, len(clips), batch_size)]))
-    return {"following_accuracy": float(np.mean(list(generated.values()))),
-            "following_ceiling": float(np.mean(list(ceiling.values()))) if ceiling else None,
+                out[name] = float(np.mean([(read_horizontal(idm, view(from_uint8(clips[i:i + batch_size].to(device)))
+                                                            .float()) == c).float().mean().item()
+                                           for i in range(0, len(clips), batch_size)]))
+    return {"following_ceiling": float(np.mean(list(ceiling.values()))) if ceiling else None,
             "following_ceiling_decoded": float(np.mean(list(decoded.values()))) if decoded else None,
-            "following_by_class": generated, "following_ceiling_by_class": ceiling,
-            "following_ceiling_decoded_by_class": decoded}
+            "following_ceiling_by_class": ceiling, "following_ceiling_decoded_by_class": decoded}
 
 
 def held_clips(store, length, names, count, rng):
@@ -1063,8 +1087,9 @@ def evaluate_dit(args, device):
     if true_actions:
         from play import world_meaning
         chosen = class_actions(world_meaning(args.models, model.config))
-        result.update(following_of(args, store, dit_holder(vae, model, sampler, chosen, generator), torch.cat(prompts),
-                                   np.random.default_rng(args.seed), device, through_vae(vae)), class_actions=chosen)
+        judge = following_judge(args, store, torch.cat(prompts), np.random.default_rng(args.seed), device,
+                                through_vae(vae))
+        result.update(judge(dit_holder(vae, model, sampler, chosen, generator)), class_actions=chosen)
     elif conditioned:
         def infer(frames):  # clips (B, T, 3, H, W) -> the LAM's actions of their transitions (B, T - 1)
             return inferred_actions(action_model, model, encode_clips(vae, model, frames, generator)[1])[:, 1:]
