@@ -93,8 +93,8 @@ from generate import compile_world, decode_frame
 from play import EULER_STEPS, DiffusionWorld, GenieWorld
 from step import checkpoint_blocks, make_optimizer, train_step
 from training import DEFAULT_WORKERS, add_compile_flag, batches, compile_blocks, use_compile
-from utils import TrainingFailed, UserError, add_step_compile_flag, atomic_write_text, autocast, first_line, \
-    get_device, nvidia_driver, parse_size, positive, run_cli
+from utils import TrainingFailed, UserError, add_precision_flag, add_step_compile_flag, atomic_write_text, \
+    autocast, first_line, get_device, nvidia_driver, parse_size, positive, run_cli
 
 # bf16 dense peaks in TFLOP/s, by a part of the CUDA device name (the first match wins)
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
@@ -625,6 +625,7 @@ def main():
     p.add_argument("--seconds", type=positive(float), default=120.0, help="length (default 120)")
     for p in sub.choices.values():
         p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+        add_precision_flag(p)
         p.add_argument("--profile", action="store_true",
                        help="also print torch.profiler's table of the slowest operations of one step or frame")
         p.add_argument("--json", help="also write the figures to this JSON file")
@@ -633,7 +634,7 @@ def main():
         if not args.json:
             raise UserError("gather: --json FILE is where the figures go")
         return bench_gather(args, None)
-    device = get_device("cuda" if args.command == "cuda" else args.device)
+    device = get_device("cuda" if args.command == "cuda" else args.device, precision=args.precision)
     torch.manual_seed(0)
     result = {"cuda": bench_cuda, "train": bench_train, "play": bench_play, "generate": bench_generate, "memory": bench_memory,
               "data": bench_data, "prepare": bench_prepare, "footage": bench_footage}[args.command](args, device)

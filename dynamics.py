@@ -108,9 +108,10 @@ def maskgit_decode(logits_fn, batch, n, mask_token, steps, temperature, generato
         if temperature > 0:
             u = torch.rand(logits.shape, device=device, generator=generator).clamp_(1e-20, 1)
             sampled = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)  # Gumbel-max sampling
+            chosen = logits.gather(-1, sampled[..., None])[..., 0]
         else:
-            sampled = logits.argmax(-1)
-        confidence = F.log_softmax(logits, dim=-1).gather(-1, sampled[..., None])[..., 0]
+            chosen, sampled = logits.max(-1)
+        confidence = chosen - torch.logsumexp(logits, dim=-1)  # the log-probability of the sampled token
         if temperature > 0:  # MaskGIT's annealed noise on the confidence: more exploration in early steps
             u = torch.rand(confidence.shape, device=device, generator=generator).clamp_(1e-20, 1)
             confidence = confidence - temperature * (1 - (s + 1) / steps) * torch.log(-torch.log(u))
@@ -182,7 +183,7 @@ class Sampler:
             if self.cfg_scale == 1:
                 return given
             none = logits_given(new, torch.full_like(action, model.no_action))
-            return none + self.cfg_scale * (given - none)
+            return torch.lerp(none, given, self.cfg_scale)  # none + cfg_scale * (given - none), in one pass
         tokens = maskgit_decode(logits, len(action), c.rows * c.cols, model.mask_token, self.steps, self.temperature,
                                 generator, action.device)
         if self.cached:

@@ -135,8 +135,8 @@ import dynamics
 from dataset import FrameStore, WindowDataset, open_frames, require_size, spread_frames
 from generate import CFG_SCALE, encode_clips, inferred_actions, load_world
 from lam import LatentActionModel
-from utils import UserError, atomic_path, atomic_write_text, autocast, from_uint8, get_device, load_model, positive, \
-    run_cli, save_model, seed_everything, to_uint8, write_gif
+from utils import UserError, add_precision_flag, atomic_path, atomic_write_text, autocast, from_uint8, get_device, \
+    load_model, positive, run_cli, save_model, seed_everything, to_uint8, write_gif
 from vae import Tokenizer
 from vae2 import ViTVAE
 
@@ -421,27 +421,26 @@ FOLLOW_FRAMES = 4  # frames each horizontal class is held for in the following f
 def following_judge(args, store, prompts, rng, device, render=None):
     """The judge of how worlds on `store` follow held actions from `prompts`, read by the IDM in --idm (default
     DATA_idm, made by evaluate.py idm): the held-out clips and the ceilings (following_ceiling_figures, render being
-    the worlds' autoencoder) are computed once -> judge(world_rollout) -> following_figures and the ceilings; with no
-    IDM yet, a note and a judge that returns {}."""
+    the worlds' autoencoder) are computed once -> judge(world_rollout, chosen, readings=None) -> following_figures and
+    the ceilings; with no IDM yet, a note and a judge that returns {}."""
     folder = Path(args.idm or idm_folder(store.path))
     if not (folder / "config.json").is_file():
         print(f"no following figure: no inverse dynamics model in {folder} (python evaluate.py idm {args.data})")
-        return lambda world_rollout: {}
+        return lambda world_rollout, chosen, readings=None: {}
     idm = load_model(InverseDynamics, folder, device)
     held = held_clips(store, FOLLOW_FRAMES + 1, store.action_names, len(prompts), rng)
     ceilings = {**following_ceiling_figures(idm, held, args.batch_size, render), "follow_frames": FOLLOW_FRAMES}
-    return lambda world_rollout: {**following_figures(idm, world_rollout, prompts, args.batch_size), **ceilings}
+    return lambda world_rollout, chosen, readings=None: {
+        **following_figures(idm, world_rollout, chosen, prompts, args.batch_size, readings), **ceilings}
 
 
-def dit_holder(vae, model, sampler, chosen, generator):
-    """following_figures' world_rollout of a diffusion world whose action for each horizontal class is chosen[class];
-    the prompt's frames are led to by "no action", as play.py's prompt."""
-    def hold(prompt, c):  # prompt (B, P, 3, H, W) -> its last frame through the VAE, then FOLLOW_FRAMES frames
-        if c not in chosen:
-            return None
+def dit_holder(vae, model, sampler, generator):
+    """following_figures' world_rollout of a diffusion world; the prompt's frames are led to by "no action", as
+    play.py's prompt."""
+    def hold(prompt, action):  # prompt (B, P, 3, H, W) -> its last frame through the VAE, then FOLLOW_FRAMES frames
         b, p = prompt.shape[:2]
         draws, means = encode_clips(vae, model, prompt, generator)
-        actions = torch.cat([model.no_action(draws[:, :, 0, 0]), torch.full((b, FOLLOW_FRAMES), chosen[c],
+        actions = torch.cat([model.no_action(draws[:, :, 0, 0]), torch.full((b, FOLLOW_FRAMES), action,
                                                                             device=prompt.device)], dim=1)
         latents = torch.cat([means[:, -1:], sampler.rollout(draws, FOLLOW_FRAMES, generator, actions)], dim=1)
         return vae.decode((latents / model.config.latent_scale).flatten(0, 1)).float().unflatten(0, (b, -1))
@@ -458,29 +457,27 @@ def through_vae(vae):
     return lambda clips: vae.decode(vae.encode(clips.flatten(0, 1))[0]).float().unflatten(0, clips.shape[:2])
 
 
-def genie_holder(tokenizer, sampler, chosen, generator):
-    """following_figures' world_rollout of a Genie world whose action for each horizontal class is chosen[class]."""
-    def hold(prompt, c):  # prompt (B, 1, 3, H, W) -> it and FOLLOW_FRAMES frames under the class's action
-        if c not in chosen:
-            return None
-        actions = torch.full((len(prompt), FOLLOW_FRAMES), chosen[c], device=prompt.device)
+def genie_holder(tokenizer, sampler, generator):
+    """following_figures' world_rollout of a Genie world."""
+    def hold(prompt, action):  # prompt (B, 1, 3, H, W) -> it and FOLLOW_FRAMES frames under the action
+        actions = torch.full((len(prompt), FOLLOW_FRAMES), action, device=prompt.device)
         seen = tokenizer.decode(tokenizer.encode(prompt[:, -1]))[:, None]  # the prompt as the world renders it
         return torch.cat([seen, rollout(tokenizer, sampler, prompt[:, -1], actions, generator)], dim=1)
     return hold
 
 
-def latent_controls(args, store, models, infer, num_actions, holder, prompts, device, render):
+def latent_controls(args, store, models, infer, num_actions, world_rollout, prompts, device, render):
     """The game's keys for a latent world, fitted from each of --labels labelled training transitions
-    (fit_controls, with the world's LAM: infer), and how the world follows them (following_judge, through
-    holder(chosen) -> its world_rollout, render its autoencoder) -> figures; the keys of the first --labels go to
-    MODELS/controls.json, where play.py --controls game finds them."""
-    controls = {}
+    (fit_controls, with the world's LAM: infer), and how the world follows them (following_judge, through its
+    world_rollout, render its autoencoder) -> figures; the keys of the first --labels go to MODELS/controls.json, where
+    play.py --controls game finds them."""
+    controls, readings = {}, {}  # the fits often choose the same action for a class: its rollouts are read once
     judge = following_judge(args, store, prompts, np.random.default_rng(args.seed), device, render)
     for labels in args.labels:
         fitted = fit_controls(infer, num_actions, store, labels, args.horizon + 1, np.random.default_rng(args.seed),
                               args.batch_size, device)
         chosen = class_actions(fitted["meaning"])
-        figures = judge(holder(chosen))
+        figures = judge(world_rollout, chosen, readings)
         controls[str(labels or "all")] = {"labels": fitted["labels"], "class_actions": chosen, **figures}
         if labels == args.labels[0]:
             atomic_write_text(models / "controls.json", json.dumps({"data": str(args.data), **fitted}, indent=1))
@@ -567,7 +564,7 @@ def evaluate_genie_world(args, device, models, tokenizer, dynamics_model, store)
     chosen = class_actions(world_meaning(models, dynamics_model.config))
     judge = following_judge(args, store, torch.cat(prompts), np.random.default_rng(args.seed), device,
                             through_tokenizer(tokenizer))
-    results.update(judge(genie_holder(tokenizer, sampler, chosen, generator)), class_actions=chosen)
+    results.update(judge(genie_holder(tokenizer, sampler, generator), chosen), class_actions=chosen)
     json_path = Path(args.json or "results/genie_eval.json")
     atomic_write_text(json_path, json.dumps(results, indent=1))
     print(f"held-out clips        {len(picks)} x {args.horizon + 1} frames of {args.data}; the world of "
@@ -676,7 +673,7 @@ def evaluate_genie(args, device):
         results.update(delta_figures(results, t4))
         results.update(latent_controls(
             args, store, models, action_model.infer_actions, num_actions,
-            lambda chosen: genie_holder(tokenizer, sampler, chosen, generator), torch.cat(prompts), device,
+            genie_holder(tokenizer, sampler, generator), torch.cat(prompts), device,
             through_tokenizer(tokenizer)))
     table = np.zeros((len(names), num_actions), np.int64)
     np.add.at(table, (true, latent), 1)
@@ -775,11 +772,18 @@ class InverseDynamics(nn.Module, PyTorchModelHubMixin):
                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * w * 16, 4 * w), nn.GELU(),
                                  nn.Linear(4 * w, len(config.effects)))
 
+    def shrink(self, frames):
+        """frames (..., C, H, W) -> as float, shrunk (area) to config.height when taller."""
+        frames = frames.float()
+        if frames.shape[-2] <= self.config.height:
+            return frames
+        return F.interpolate(frames.flatten(0, -4), scale_factor=self.config.height / frames.shape[-2],
+                             mode="area").unflatten(0, frames.shape[:-3])
+
     def forward(self, before, after):
-        pair = torch.cat([before, after], dim=1).float()
-        if pair.shape[-2] > self.config.height:
-            pair = F.interpolate(pair, scale_factor=self.config.height / pair.shape[-2], mode="area")
-        return self.net(pair)
+        pair = self.shrink(torch.cat([before, after], dim=1))
+        # channels last: the layout oneDNN's and cuDNN's fast bf16 convolutions want (1.4x a step on an AMX CPU)
+        return self.net(pair.contiguous(memory_format=torch.channels_last))
 
     def horizontal(self, before, after):  # -> (B,) 0 left, 1 none, 2 right
         return torch.as_tensor(self.config.horizontal, device=before.device)[self(before, after).argmax(1)]
@@ -807,12 +811,26 @@ def evaluate_idm(args, device):
         items = [dataset[int(i)] for i in picks]
         frames = from_uint8(torch.stack([b["frames"] for b in items]).to(device))
         return frames, torch.as_tensor(effect_of[torch.stack([b["actions"][0] for b in items]).numpy()], device=device)
-    model = InverseDynamics(IDMConfig(effects, horizontal_of_effect.tolist(), store.meta["source"])).to(device)
+    model = InverseDynamics(IDMConfig(effects, horizontal_of_effect.tolist(), store.meta["source"]))
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
-    for _ in tqdm(range(args.steps), desc="inverse dynamics", leave=False):
-        frames, effect = batch(train, rng.integers(0, len(train), args.batch_size))
-        loss = F.cross_entropy(model(frames[:, 0], frames[:, 1]), effect)
+    starts = train.starts[rng.integers(0, len(train), (args.steps, args.batch_size))]  # every step's transitions
+    # The frames they use are read and shrunk to the IDM's input once (as uint8, at most two per sample drawn), not
+    # at every step: reading and shrinking two 320x180 frames per sample took longer than the step itself.
+    used = np.unique(np.stack([starts, starts + 1]))
+    row = np.zeros(store.count, np.int64)
+    row[used] = np.arange(len(used))
+    shrunk = np.concatenate([to_uint8(model.shrink(from_uint8(torch.from_numpy(store.frames[used[i:i + 256]])
+                                                              .permute(0, 3, 1, 2))))
+                             for i in range(0, len(used), 256)])  # (U, h, w, C)
+    actions = np.asarray(store.actions)
+    for step in tqdm(range(args.steps), desc="inverse dynamics", leave=False):
+        pairs = shrunk[row[np.stack([starts[step], starts[step] + 1], 1)]]  # (B, 2, h, w, C)
+        frames = from_uint8(torch.from_numpy(pairs).to(device).permute(0, 1, 4, 2, 3))
+        effect = torch.as_tensor(effect_of[actions[starts[step]]], device=device)
+        with autocast(device):
+            loss = F.cross_entropy(model(frames[:, 0], frames[:, 1]).float(), effect)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -822,7 +840,7 @@ def evaluate_idm(args, device):
     views = {"": lambda f: (f[:, 0], f[:, 1]), "_one_frame": lambda f: (f[:, 1], f[:, 1]),
              "_reversed": lambda f: (f[:, 1], f[:, 0])}
     predicted, true = {view: [] for view in views}, []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device):
         picks = rng.choice(len(val), min(args.transitions, len(val)), replace=False)
         for i in range(0, len(picks), args.batch_size):
             frames, effect = batch(val, picks[i:i + args.batch_size])
@@ -860,26 +878,29 @@ def read_horizontal(idm, clips):
 
 
 @torch.no_grad()
-def following_figures(idm, world_rollout, prompts, batch_size):
+def following_figures(idm, world_rollout, chosen, prompts, batch_size, readings=None):
     """How well a world follows the actions it is given, read off its frames by the IDM (trained on real frames):
     from each prompt, each horizontal class (left, none, right) is held for the clip's length through the world's
     action for it, and the IDM names the class each generated transition shows.
 
-    idm: InverseDynamics; world_rollout(prompt clips (B, P, 3, H, W) in [-1, 1], class (int)) -> the clip it made
-    (B, L + 1, 3, H, W): the last prompt frame then L generated ones, or None when the world has no action for that
-    class (it then follows none of that class's transitions: 0); prompts: held-out clips (N, P, 3, H, W) uint8 whose
-    last frame is the one the world continues. -> following_accuracy (mean over the classes of the share of
-    generated transitions read as the class held) and following_by_class."""
+    idm: InverseDynamics; world_rollout(prompt clips (B, P, 3, H, W) in [-1, 1], action (int)) -> the clip it made
+    (B, L + 1, 3, H, W): the last prompt frame then L generated ones; chosen: {class: the world's action for it}, a
+    class without one follows none of its transitions (0); prompts: held-out clips (N, P, 3, H, W) uint8 whose last
+    frame is the one the world continues; readings: {action: the IDM's classes of its rollouts (N, L)}, kept across
+    calls on the same prompts (a latent world's key fits often choose the same action). -> following_accuracy (mean
+    over the classes of the share of generated transitions read as the class held) and following_by_class."""
     device = next(idm.parameters()).device
+    readings = {} if readings is None else readings
     generated = {}
     for c, name in enumerate(HORIZONTAL):
-        hits = []
-        for i in range(0, len(prompts), batch_size):
-            clips = world_rollout(from_uint8(prompts[i:i + batch_size].to(device)), c)
-            if clips is None:
-                break
-            hits.append((read_horizontal(idm, clips.float()) == c).float().mean().item())
-        generated[name] = float(np.mean(hits)) if hits else 0.0
+        if c not in chosen:
+            generated[name] = 0.0
+            continue
+        if chosen[c] not in readings:
+            readings[chosen[c]] = torch.cat([
+                read_horizontal(idm, world_rollout(from_uint8(prompts[i:i + batch_size].to(device)), chosen[c]).float())
+                for i in range(0, len(prompts), batch_size)])
+        generated[name] = (readings[chosen[c]] == c).float().mean().item()
     return {"following_accuracy": float(np.mean(list(generated.values()))), "following_by_class": generated}
 
 
@@ -1089,12 +1110,12 @@ def evaluate_dit(args, device):
         chosen = class_actions(world_meaning(args.models, model.config))
         judge = following_judge(args, store, torch.cat(prompts), np.random.default_rng(args.seed), device,
                                 through_vae(vae))
-        result.update(judge(dit_holder(vae, model, sampler, chosen, generator)), class_actions=chosen)
+        result.update(judge(dit_holder(vae, model, sampler, generator), chosen), class_actions=chosen)
     elif conditioned:
         def infer(frames):  # clips (B, T, 3, H, W) -> the LAM's actions of their transitions (B, T - 1)
             return inferred_actions(action_model, model, encode_clips(vae, model, frames, generator)[1])[:, 1:]
         result.update(latent_controls(args, store, Path(args.models), infer, model.config.num_actions,
-                                      lambda chosen: dit_holder(vae, model, sampler, chosen, generator),
+                                      dit_holder(vae, model, sampler, generator),
                                       torch.cat(prompts), device, through_vae(vae)))
     json_path = Path(args.json or "results/dit_eval.json")
     atomic_write_text(json_path, json.dumps(result, indent=1))
@@ -1249,6 +1270,7 @@ def main():
                         "measured through them; the first count's keys go to MODELS/controls.json for play.py "
                         "--controls game (default 1000 100 0)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_precision_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the clip choice and the sampling")
     p = sub.add_parser("vae", help="reconstruction PSNR and SSIM of the ViT-VAE on held-out frames")
     p.add_argument("data", help="frame store of 320x180 frames or a video (its held-out split is used)")
@@ -1258,6 +1280,7 @@ def main():
     p.add_argument("--batch_size", type=positive(int), default=32, help="frames per batch (default 32)")
     p.add_argument("--json", help="where to write the figures (default results/vae_eval.json)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_precision_flag(p)
     p = sub.add_parser("dit", help="continuations of held-out clips by the diffusion world model vs copying a frame")
     p.add_argument("data", help="frame store of 320x180 frames or a video (its held-out split is used)")
     p.add_argument("--models", default="models/", help="folder (or hub repo id) with vae2/ and dit/")
@@ -1278,6 +1301,7 @@ def main():
                    help="a latent world: the counts of labelled transitions the game's keys are fitted from, as for "
                         "genie (default 1000 100 0)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_precision_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt posterior samples and the noise")
     p = sub.add_parser("idm", help="how much of the true actions two frames show: the ceiling for the latent actions")
     p.add_argument("data", help="frame store with true actions, e.g. videos/coinrun (trained on its training levels, "
@@ -1291,6 +1315,7 @@ def main():
     p.add_argument("--out", help="where to save the model, which genie and dit use to read the worlds' frames "
                                  "(default: beside DATA, DATA_idm)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_precision_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     p = sub.add_parser("controls", help="the control figures of several worlds side by side, and a GIF of held keys")
     p.add_argument("worlds", nargs="+", metavar="NAME=JSON",
@@ -1307,6 +1332,7 @@ def main():
     p.add_argument("--gif", default="results/controls_play.gif", help="GIF to write (default "
                                                                       "results/controls_play.gif)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_precision_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling")
     p = sub.add_parser("plot", help="training curves from logs/*.json (e.g. a run at 1x, 2x, 4x the steps)")
     p.add_argument("logs", nargs="+", help="training logs, e.g. models/genie/logs/tokenizer.json")
@@ -1319,11 +1345,11 @@ def main():
         raise UserError(f"--cfg_scale must be at least 0, not {args.cfg_scale:g}")
     if args.command == "plot":
         return plot_logs(args)
-    device = get_device(args.device)
-    if args.command == "idm":  # trains a small model: in fp32, as every CPU run
+    device = get_device(args.device, precision=args.precision)
+    if args.command == "idm":
         seed_everything(args.seed)
         return evaluate_idm(args, device)
-    with autocast(device):  # the models run as they trained and as they are played: bf16 on CUDA
+    with autocast(device):  # the models run as they trained and as they are played: bf16 on CUDA (--precision)
         if args.command == "genie":
             seed_everything(args.seed)
             evaluate_genie(args, device)

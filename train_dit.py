@@ -97,7 +97,7 @@ def main():
     apply_defaults(args, DEFAULTS[args.preset])
     if not 0 <= args.self_forcing_p <= 1:
         raise UserError(f"--self_forcing_p must be in [0, 1], not {args.self_forcing_p}")
-    device = get_device(args.device, args.deterministic)
+    device = get_device(args.device, args.deterministic, args.precision)
     config = override(dit.PRESETS[args.preset], args.set)
 
     # data: latents of the training split, the VAE that made them, a held-out clip for samples

@@ -103,7 +103,7 @@ def main():
             raise UserError(f"--set takes PHASE.FIELD=VALUE with PHASE in tokenizer, lam, dynamics, not {item!r}")
     for phase in PRESETS:
         model_config(phase, args)
-    device = get_device(args.device, args.deterministic)
+    device = get_device(args.device, args.deterministic, args.precision)
     out = Path(args.out)
     phases = PHASES if args.phase == "all" else [args.phase]
 

@@ -46,7 +46,7 @@ def main():
     add_training_flags(parser)
     args = parser.parse_args()
     apply_defaults(args, DEFAULTS[args.preset])
-    device = get_device(args.device, args.deterministic)
+    device = get_device(args.device, args.deterministic, args.precision)
 
     latents = rank_zero_first(lambda: open_latents(args.data, args.vae, device))
     vae_config = load_model(ViTVAE, args.vae).config

@@ -80,7 +80,7 @@ def main():
     apply_defaults(args, DEFAULTS[args.preset])
     if args.beta_max < 0 or args.diff_weight < 0 or args.beta_start_step < 0:
         raise UserError("--beta_max, --beta_start_step and --diff_weight must not be negative")
-    device = get_device(args.device, args.deterministic)
+    device = get_device(args.device, args.deterministic, args.precision)
     config = override(vae2.PRESETS[args.preset], args.set)
 
     # data: single frames (pairs with the frame-difference loss) of the training split

@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 import memory
 from step import checkpoint_blocks, copy_to_host, make_optimizer, train_step
-from utils import TrainingFailed, UserError, WandbLog, atomic_path, atomic_write_text, first_line, \
-    positive, save_model, seed_everything
+from utils import TrainingFailed, UserError, WandbLog, add_precision_flag, atomic_path, atomic_write_text, \
+    first_line, positive, save_model, seed_everything
 
 # train_loop's own flags that change where and how a run is watched, not its result: they may differ between a run
 # and its resumption. Each script adds its own such flags (train_loop's `unchanged`).
@@ -60,6 +60,7 @@ CRASH_VARIABLE = "GAMEWORLD_CRASH"
 def add_training_flags(parser):
     """The flags every training script shares (read by train_loop)."""
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_precision_flag(parser)
     parser.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS,
                         help=f"DataLoader worker processes per training process (default {DEFAULT_WORKERS}: half this "
                              f"machine's cores, 2 to 8)")

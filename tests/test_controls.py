@@ -161,9 +161,10 @@ def test_the_real_held_transitions_score_the_ceiling_and_a_world_that_ignores_it
     count = min(len(clips) for clips in held.values())
     held = {c: clips[:count] for c, clips in held.items()}
 
-    def replaying(prompt, c):  # a world that plays back the real clip of the class it is told to hold
-        return from_uint8(held[c])
-    figures = {**following_figures(idm, replaying, held[0][:, :1], batch_size=64),
+    def replaying(prompt, action):  # a world that plays back the real clip of the class its action stands for
+        return from_uint8(held[{5: 0, 3: 1, 7: 2}[action]])
+    keys = {0: 5, 1: 3, 2: 7}
+    figures = {**following_figures(idm, replaying, keys, held[0][:, :1], batch_size=64),
                **following_ceiling_figures(idm, held, batch_size=64, render=lambda clips: clips)}
     assert figures["following_ceiling"] > 0.9  # the IDM reads the sliding views (measured 1.0)
     assert figures["following_accuracy"] == pytest.approx(figures["following_ceiling"])
@@ -176,10 +177,15 @@ def test_the_real_held_transitions_score_the_ceiling_and_a_world_that_ignores_it
     assert figures["following_ceiling_decoded"] == pytest.approx(1 / 3)  # whatever it reads, it reads for all classes
     assert figures["following_ceiling"] > 0.9
 
-    def ignoring(prompt, c):  # the same frames whatever it is told
+    def ignoring(prompt, action):  # the same frames whatever it is told
         return from_uint8(held[1])
-    figures = following_figures(idm, ignoring, held[0][:, :1], batch_size=64)
+    figures = following_figures(idm, ignoring, keys, held[0][:, :1], batch_size=64)
     assert figures["following_accuracy"] == pytest.approx(1 / 3)  # each transition is read as one class of three
+    # a world whose keys all press the same action: its rollouts are read once, and follow one class at most
+    readings = {}
+    figures = following_figures(idm, replaying, {0: 3, 1: 3, 2: 3}, held[0][:, :1], batch_size=64, readings=readings)
+    assert list(readings) == [3]
+    assert figures["following_accuracy"] == pytest.approx(figures["following_by_class"]["none"] / 3)
     assert following_ceiling_figures(idm, held, batch_size=64)["following_ceiling_decoded"] is None  # no render
 
 
@@ -188,7 +194,7 @@ def test_an_untrained_reader_reads_nothing_into_the_ceiling_and_a_world_without_
     torch.manual_seed(0)
     constant = InverseDynamics(IDMConfig(["left", "none", "right"], [0, 1, 2]))
     held = held_clips(FrameStore(store), 3, PROCGEN_ACTIONS, 16, np.random.default_rng(0))
-    assert following_figures(constant, lambda prompt, c: None, held[0][:, :1], batch_size=64)["following_accuracy"] == 0
+    assert following_figures(constant, None, {}, held[0][:, :1], batch_size=64)["following_accuracy"] == 0
     assert following_ceiling_figures(constant, held, batch_size=64)["following_ceiling"] < 0.7  # no key, no following
 
 
