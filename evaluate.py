@@ -816,8 +816,9 @@ def evaluate_idm(args, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
     starts = train.starts[rng.integers(0, len(train), (args.steps, args.batch_size))]  # every step's transitions
-    # The frames they use are read and shrunk to the IDM's input once (as uint8, at most two per sample drawn), not
-    # at every step: reading and shrinking two 320x180 frames per sample took longer than the step itself.
+    # The frames they use are read and shrunk to the IDM's input once, not at every step: reading and shrinking two
+    # 320x180 frames per sample took longer than the step itself. They are held as uint8, at most two per sample drawn
+    # (by default 192,000 frames, 2.4 GB at 64x64) and never more than the store has.
     used = np.unique(np.stack([starts, starts + 1]))
     row = np.zeros(store.count, np.int64)
     row[used] = np.arange(len(used))

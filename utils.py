@@ -239,7 +239,8 @@ BF16_DEVICE_TYPES = {"cuda"}  # where autocast(device) runs bf16: CUDA, and the 
 def set_precision(device, precision):
     """--precision for this process's models on `device`: "auto" is bf16 on CUDA (twice the tensor-core rate of TF32)
     and fp32 elsewhere (bf16 is slower than fp32 on most CPUs); "bf16" on a CPU pays where it has bf16 matrix units
-    (Intel AMX, Sapphire Rapids and later: 1.5-3x faster convolutional models, README); "fp32" everywhere."""
+    (Intel AMX, Sapphire Rapids and later: convolutional models 1.2-2.9x faster per step, docs/reference.md); "fp32"
+    everywhere."""
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision}: one of {', '.join(PRECISIONS)}")
     if precision == "bf16" and device.type == "mps":
@@ -258,8 +259,8 @@ def autocast(device):
 def add_precision_flag(parser):
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="what the models compute in: auto is bf16 autocast on CUDA and fp32 elsewhere; bf16 also "
-                             "on the CPU, where it has bf16 matrix units (Intel AMX: 1.5-3x faster convolutional "
-                             "models; make demo uses it), fp32 everywhere (default auto)")
+                             "on the CPU, where it has bf16 matrix units (Intel AMX: convolutional models 1.2-2.9x faster; "
+                             "make demo uses it), fp32 everywhere (default auto)")
 
 
 def add_step_compile_flag(parser):
