@@ -8,7 +8,9 @@ DEMO_WIDE_FRAMES ?= 4000
 # The demo's precision where bf16 pays, on a CPU with bf16 matrix units (Intel AMX, found in /proc/cpuinfo; elsewhere
 # bf16 is slower than fp32 and the demo runs in fp32); the DiTs and the true-action Genie dynamics train faster in fp32
 # at the tiny preset either way.
-BF16 ?= $(shell grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && echo --precision bf16)
+ifeq ($(origin BF16),undefined)
+BF16 := $(shell grep -qw amx_bf16 /proc/cpuinfo 2>/dev/null && echo --precision bf16)
+endif
 
 .PHONY: test demo gpu-check
 

@@ -807,29 +807,29 @@ def evaluate_idm(args, device):
         raise UserError(f"{store.path} needs transitions on training and on held-out levels (its 'train' split has "
                         f"{len(train)}, its 'val' split {len(val)})")
 
-    def batch(dataset, picks):  # -> frames t and t + 1 (B, 2, 3, H, W), effect classes (B,)
-        items = [dataset[int(i)] for i in picks]
-        frames = from_uint8(torch.stack([b["frames"] for b in items]).to(device))
-        return frames, torch.as_tensor(effect_of[torch.stack([b["actions"][0] for b in items]).numpy()], device=device)
     model = InverseDynamics(IDMConfig(effects, horizontal_of_effect.tolist(), store.meta["source"]))
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(args.seed)
     starts = train.starts[rng.integers(0, len(train), (args.steps, args.batch_size))]  # every step's transitions
+    held_out = val.starts[rng.choice(len(val), min(args.transitions, len(val)), replace=False)]
     # The frames they use are read and shrunk to the IDM's input once, not at every step: reading and shrinking two
     # 320x180 frames per sample took longer than the step itself. They are held as uint8, at most two per sample drawn
-    # (by default 192,000 frames, 2.4 GB at 64x64) and never more than the store has.
-    used = np.unique(np.stack([starts, starts + 1]))
+    # (by default 192,000 frames, 2.4 GB at 64x64, and the held-out ones) and never more than the store has.
+    used = np.unique(np.concatenate([starts.ravel(), held_out]) + np.array([[0], [1]]))
     row = np.zeros(store.count, np.int64)
     row[used] = np.arange(len(used))
     shrunk = np.concatenate([to_uint8(model.shrink(from_uint8(torch.from_numpy(store.frames[used[i:i + 256]])
                                                               .permute(0, 3, 1, 2))))
                              for i in range(0, len(used), 256)])  # (U, h, w, C)
     actions = np.asarray(store.actions)
+
+    def batch(transitions):  # their frames t and t + 1, shrunk (B, 2, 3, h, w) floats, and effect classes (B,)
+        pairs = shrunk[row[np.stack([transitions, transitions + 1], 1)]]  # (B, 2, h, w, C)
+        return (from_uint8(torch.from_numpy(pairs).to(device).permute(0, 1, 4, 2, 3)),
+                torch.as_tensor(effect_of[actions[transitions]], device=device))
     for step in tqdm(range(args.steps), desc="inverse dynamics", leave=False):
-        pairs = shrunk[row[np.stack([starts[step], starts[step] + 1], 1)]]  # (B, 2, h, w, C)
-        frames = from_uint8(torch.from_numpy(pairs).to(device).permute(0, 1, 4, 2, 3))
-        effect = torch.as_tensor(effect_of[actions[starts[step]]], device=device)
+        frames, effect = batch(starts[step])
         with autocast(device):
             loss = F.cross_entropy(model(frames[:, 0], frames[:, 1]).float(), effect)
         optimizer.zero_grad(set_to_none=True)
@@ -842,9 +842,8 @@ def evaluate_idm(args, device):
              "_reversed": lambda f: (f[:, 1], f[:, 0])}
     predicted, true = {view: [] for view in views}, []
     with torch.no_grad(), autocast(device):
-        picks = rng.choice(len(val), min(args.transitions, len(val)), replace=False)
-        for i in range(0, len(picks), args.batch_size):
-            frames, effect = batch(val, picks[i:i + args.batch_size])
+        for i in range(0, len(held_out), args.batch_size):
+            frames, effect = batch(held_out[i:i + args.batch_size])
             for view, pair in views.items():
                 predicted[view].append(model(*pair(frames)).argmax(1).cpu())
             true.append(effect.cpu())
