@@ -156,16 +156,18 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         previous = torch.cat([torch.zeros_like(x1[:, :1]), x1[:, :-1]], dim=1)  # (B, T, N, C), for a residual model
         # The random choices that decide what runs are drawn on the host (Python's RNG, saved in training states):
         # drawn on the GPU, the host would have to wait for them before it could queue the work.
-        if self_forcing_p > 0:
-            chosen = [random.random() < self_forcing_p for _ in range(b)]
-            if any(chosen):
-                with torch.no_grad():
-                    m = torch.rand(b, t_len, device=x1.device)
-                    mid = (1 - m[..., None, None]) * x0 + m[..., None, None] * x1
-                    back = mid - m[..., None, None] * self.velocity(mid, m, actions=actions,
-                                                                    previous=previous).to(x1.dtype)
-                mask = torch.tensor(chosen).to(x1.device, non_blocking=True)  # (B,)
-                x0 = torch.where(mask[:, None, None, None], back, x0)
+        # Self-forcing's extra pass runs on the chosen clips only: p b of them, rounded down or up at random so that
+        # each clip is chosen with probability p, and that pass's batch has one of two sizes for a compiled network.
+        chosen = int(self_forcing_p * b + random.random()) if self_forcing_p > 0 else 0  # floor or ceil of p b
+        if chosen:
+            pick = torch.tensor(sorted(random.sample(range(b), chosen))).to(x1.device, non_blocking=True)  # (K,)
+            with torch.no_grad():
+                x0_k, x1_k = x0[pick], x1[pick]
+                m = torch.rand(chosen, t_len, device=x1.device)
+                mid = (1 - m[..., None, None]) * x0_k + m[..., None, None] * x1_k
+                back = mid - m[..., None, None] * self.velocity(
+                    mid, m, actions=None if actions is None else actions[pick], previous=previous[pick]).to(x1.dtype)
+            x0 = x0.index_copy(0, pick, back)
         t = torch.rand(b, t_len, device=x1.device)
         xt = (1 - t[..., None, None]) * x0 + t[..., None, None] * x1
         v = self.velocity(xt, t, actions=actions, previous=previous).float()
