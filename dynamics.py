@@ -50,7 +50,7 @@ class DynamicsConfig:
     game: str = ""           # with true actions, the store's source, e.g. procgen:coinrun
 
 
-CFG_SCALE = 6.0  # the sampler's default guidance of the latent action; 1 = none (README: Genie guidance table)
+CFG_SCALE = 2.0  # the sampler's default guidance of the action; 1 = none (docs/results.md: Genie guidance tables)
 
 PRESETS = {
     "tiny": DynamicsConfig(context=4, dim=64, depth=2, heads=2),
@@ -69,8 +69,14 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         self.transformer = STTransformer(config.dim, config.depth, config.heads, config.rows, config.cols,
                                          config.mlp_ratio)
         self.head = nn.Linear(config.dim, config.vocab_size)
+        # Where a token is, absolutely: the spatial RoPE tells only offsets, and CoinRun's camera keeps the agent at one
+        # place of the grid, where a key's effect shows.
+        self.position = nn.Parameter(torch.zeros(config.rows * config.cols, config.dim))
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.normal_(self.action_embed.weight, std=0.02)
+        nn.init.normal_(self.position, std=0.02)
+        # At unit scale: the action reaches the network only through adaLN modulations that start at zero, so a small
+        # embedding gets almost no gradient (at std 0.02 a planted action was not learned in the demo's 300 steps).
+        nn.init.normal_(self.action_embed.weight, std=1.0)
 
     def frame_conditions(self, actions):
         """Latent actions of the transitions (B, T - 1) -> per-frame conditions (B, T, D), "no action" first."""
@@ -79,7 +85,7 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
 
     def hidden(self, tokens, cond, cache=None):
         """tokens (B, T, N) with [MASK] where unknown -> features (B, T, N, D). With a cache, T = 1."""
-        return self.transformer(self.token_embed(tokens), cond, cache)
+        return self.transformer(self.token_embed(tokens) + self.position, cond, cache)
 
     def forward(self, tokens, actions):
         """tokens (B, T, rows, cols) from the tokenizer, actions (B, T - 1) from the LAM -> (loss, logs)."""
