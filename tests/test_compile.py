@@ -77,7 +77,7 @@ def test_compiled_play_gives_the_eager_frames():
     prompt = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     frames = {}
     for compiled in (False, True):
-        # unguided: guidance 6 multiplies the compiled kernels' float rounding by 6, enough to flip a near-tie token
+        # unguided: guidance s multiplies the compiled kernels' float rounding by s, enough to flip a near-tie token
         # of this random model, and MaskGIT decodes the rest of the frame from it (measured: 32 % of one frame's
         # pixels on one 2-core machine, none on another); at 1 the frames are the eager ones
         world = GenieWorld(tokenizer, model, maskgit_steps=4, temperature=0, cfg_scale=1)
