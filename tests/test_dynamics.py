@@ -1,9 +1,10 @@
-"""MaskGIT dynamics: shapes, causality, action dropout and guidance, and cached decoding equal to recomputing the
-whole context."""
+"""MaskGIT dynamics: shapes, causality, action dropout and guidance, cached decoding equal to recomputing the whole
+context, and an action effect planted in synthetic tokens learned in a short run."""
 import pytest
 import torch
 
-from dynamics import PRESETS, Dynamics, Sampler
+from dynamics import PRESETS, Dynamics, DynamicsConfig, Sampler
+from step import make_optimizer
 
 
 def tiny_model(seed=0):
@@ -98,3 +99,37 @@ def test_a_restarted_sampler_reuses_its_cache_and_forgets_the_last_rollout():
     for action in (2, 7):
         assert torch.equal(sampler.step(torch.full((2,), action)), fresh.step(torch.full((2,), action)))
     assert sampler.cache.keys[0].data_ptr() == keys
+
+
+def planted_clips(batch, generator, actions=8, vocab=32, side=8):
+    """Clips (B, 4, side, side) where each next frame copies the last one but for token (side // 2, side // 2), set to
+    the action that led to it, and one other token redrawn -> (tokens, actions (B, 3))."""
+    tokens = torch.randint(0, vocab, (batch, 4, side, side), generator=generator)
+    taken = torch.randint(0, actions, (batch, 3), generator=generator)
+    for t in range(1, 4):
+        tokens[:, t] = tokens[:, t - 1]
+        tokens[:, t, side // 2, side // 2] = taken[:, t - 1]
+        noise = torch.randint(0, side * side, (batch,), generator=generator)
+        tokens[:, t].view(batch, -1)[torch.arange(batch), noise] = torch.randint(0, vocab, (batch,), generator=generator)
+    return tokens, taken
+
+
+def test_a_planted_action_is_learned_in_a_short_run():
+    # The action reaches the network only through adaLN modulations that start at zero, and the spatial RoPE tells a
+    # token only offsets: with the action embedding at std 0.02 and no absolute position, 11-13 % after these steps.
+    torch.manual_seed(0)
+    config = DynamicsConfig(vocab_size=32, rows=8, cols=8, num_actions=8, context=4, dim=32, depth=2, heads=2)
+    model = Dynamics(config)
+    optimizer = make_optimizer(model, 1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        loss, _ = model(*planted_clips(16, generator))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tokens, taken = planted_clips(256, torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        predicted = Sampler(model, steps=1, temperature=0, cfg_scale=1).start(tokens[:, :3], taken[:, :2]).step(
+            taken[:, 2]).view(-1, 8, 8)
+    assert (predicted[:, 4, 4] == taken[:, 2]).float().mean() > 0.9  # chance 1/8
