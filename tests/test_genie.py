@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, assert_user_error, run
 from dataset import FrameStore, FrameWriter, TokenStore, WindowDataset, model_id, write_meta
+from dynamics import CFG_SCALE
 from evaluate import action_effect, lam_decoder_errors, lam_decoder_figures, lam_rollout, latent_action_figures, \
     linear_probe
 from lam import LAMConfig, LatentActionModel
@@ -114,7 +115,7 @@ def test_evaluate_genie_writes_the_figures(genie, tmp_path):
                  "--horizon", 5, "--json", out)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
-    assert figures["cfg_scale"] == 6 and figures["temperature"] == 0
+    assert figures["cfg_scale"] == CFG_SCALE and figures["temperature"] == 0
     for key in ("tokenizer_psnr", "codebook_used", "lam_usage", "lam_codes_used", "lam_perplexity", "nmi",
                 "delta_psnr_t4", "delta_psnr_long", "rollout_psnr", "baseline_psnr", "nmi_effect", "effect_accuracy",
                 "horizontal_accuracy", "probe_accuracy", "effect_accuracy_chance", "effect_majority",
