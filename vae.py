@@ -176,7 +176,9 @@ class Tokenizer(nn.Module, PyTorchModelHubMixin):
 
     @torch.no_grad()
     def encode(self, frames):  # (b, 3, H, W) -> indices (b, h, w) int64; never restarts codes
-        z = rearrange(self.encoder(frames), "b d h w -> b h w d")
+        # Channels-last input: a third faster on a CPU in bf16, a tenth in fp32 (oneDNN). Training keeps the default
+        # layout, where channels-last measured slower in bf16.
+        z = rearrange(self.encoder(frames.contiguous(memory_format=torch.channels_last)), "b d h w -> b h w d")
         return self.vq.nearest(z)
 
     def decode(self, indices):  # (b, h, w) -> frames (b, 3, H, W)
