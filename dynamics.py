@@ -96,9 +96,12 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         mask = torch.rand(target.shape, device=tokens.device) < ratio  # (B, T, N)
         dropped = torch.rand(actions.shape, device=actions.device) < self.config.action_dropout  # (B, T - 1)
         actions = actions.masked_fill(dropped, self.no_action)
-        logits = self.head(self.hidden(target.masked_fill(mask, self.mask_token), self.frame_conditions(actions)))
+        hidden = self.hidden(target.masked_fill(mask, self.mask_token), self.frame_conditions(actions))
+        # The first frame has nothing masked, so nothing to predict: the head and the loss skip it (at the tiny preset's
+        # context of 4 that is a quarter of the head's logits, the largest tensors of the step).
+        logits, target, mask = self.head(hidden[:, 1:]), target[:, 1:], mask[:, 1:]  # (B, T - 1, N, V)
         # Means over the masked tokens as weighted sums: indexing with the mask would give a shape only the GPU knows.
-        weight = mask.float() / mask.sum().clamp_min(1)  # (B, T, N)
+        weight = mask.float() / mask.sum().clamp_min(1)  # (B, T - 1, N)
         loss = (F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none") * weight.flatten()).sum()
         accuracy = ((logits.argmax(-1) == target).float() * weight).sum()
         return loss, {"ce": loss.detach(), "acc": accuracy.detach()}
