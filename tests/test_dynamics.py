@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dynamics import PRESETS, Dynamics, DynamicsConfig, Sampler
-from step import make_optimizer
+from step import make_optimizer, train_step
 
 
 def tiny_model(seed=0):
@@ -122,11 +122,10 @@ def test_a_planted_action_is_learned_in_a_short_run():
     model = Dynamics(config)
     optimizer = make_optimizer(model, 1e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        loss, _ = model(*planted_clips(16, generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    for step in range(100):  # the trainers' step: clipping, the non-finite guard
+        tokens, taken = planted_clips(16, generator)
+        train_step(model, model, optimizer, lambda net, batch, _: net(batch["tokens"], batch["actions"]),
+                   {"tokens": tokens, "actions": taken}, step, torch.device("cpu"))
     tokens, taken = planted_clips(256, torch.Generator().manual_seed(1))
     model.eval()
     with torch.no_grad():
