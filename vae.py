@@ -178,7 +178,7 @@ class Tokenizer(nn.Module, PyTorchModelHubMixin):
         self.encoder = encoder(config)
         self.decoder = decoder(config)
         self.vq = VectorQuantizer(config.num_codes, config.code_dim, config.commitment, config.dead_after)
-        self.register_buffer("pixel_weight", focus_weight(config), persistent=False)
+        self.register_buffer("pixel_weight", pixel_weights(config), persistent=False)
 
     @torch.no_grad()
     def encode(self, frames):  # (b, 3, H, W) -> indices (b, h, w) int64; never restarts codes
@@ -200,7 +200,7 @@ class Tokenizer(nn.Module, PyTorchModelHubMixin):
         return loss + vq_loss, {"recon": recon_loss.detach(), "vq": vq_loss.detach(), **stats}
 
 
-def focus_weight(config):
+def pixel_weights(config):
     """(H, W) weight of each pixel's reconstruction error, of mean 1: focus_weight inside config.focus, 1 elsewhere."""
     weight = torch.ones(config.image_size, config.image_size)
     if config.focus:
