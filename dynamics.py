@@ -31,6 +31,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from transformer import STTransformer
+from utils import box_weights
 
 
 @dataclass
@@ -48,12 +49,17 @@ class DynamicsConfig:
     actions: str = "latent"  # what the actions are: "latent", the LAM's (lam/ beside dynamics/); "true", the game's own
     action_names: list = field(default_factory=list)  # with true actions, the game's name of each (its store's)
     game: str = ""           # with true actions, the store's source, e.g. procgen:coinrun
+    # The tokens where the player sits, [top, left, bottom, right] (train_genie.py copies the tokenizer's focus), whose
+    # loss weighs focus_weight times the rest's: a key shows in a few of the agent's tokens among 256, and the plain
+    # loss spends the small model on the background (CoinRun: docs/results.md).
+    focus: list = field(default_factory=list)
+    focus_weight: float = 1.0
 
 
 CFG_SCALE = 2.0  # the sampler's default guidance of the action; 1 = none (docs/results.md: Genie guidance tables)
 
 PRESETS = {
-    "tiny": DynamicsConfig(context=4, dim=64, depth=2, heads=2),
+    "tiny": DynamicsConfig(context=4, dim=64, depth=2, heads=2, focus_weight=20.0),
     "default": DynamicsConfig(),
 }
 
@@ -77,6 +83,8 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         # At unit scale: the action reaches the network only through adaLN modulations that start at zero, so a small
         # embedding gets almost no gradient (at std 0.02 a planted action was not learned in the demo's 300 steps).
         nn.init.normal_(self.action_embed.weight, std=1.0)
+        self.register_buffer("token_weight", box_weights(config.rows, config.cols, config.focus, config.focus_weight,
+                                                         "tokens").flatten(), persistent=False)  # (N,)
 
     def frame_conditions(self, actions):
         """Latent actions of the transitions (B, T - 1) -> per-frame conditions (B, T, D), "no action" first."""
@@ -102,9 +110,14 @@ class Dynamics(nn.Module, PyTorchModelHubMixin):
         logits, target, mask = self.head(hidden[:, 1:]), target[:, 1:], mask[:, 1:]  # (B, T - 1, N, V)
         # Means over the masked tokens as weighted sums: indexing with the mask would give a shape only the GPU knows.
         weight = mask.float() / mask.sum().clamp_min(1)  # (B, T - 1, N)
-        loss = (F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none") * weight.flatten()).sum()
+        ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none").view_as(weight)
+        loss = (ce * weight).sum()  # logged unweighted, so that runs with and without a focus compare
         accuracy = ((logits.argmax(-1) == target).float() * weight).sum()
-        return loss, {"ce": loss.detach(), "acc": accuracy.detach()}
+        logs = {"ce": loss.detach(), "acc": accuracy.detach()}
+        if self.config.focus:
+            focused = mask * self.token_weight
+            loss = (ce * focused).sum() / focused.sum().clamp_min(1e-6)
+        return loss, logs
 
 
 def maskgit_decode(logits_fn, batch, n, mask_token, steps, temperature, generator, device):

@@ -118,7 +118,6 @@ dit reports (-> results/dit_eval.json and a plot beside it), each a list over ho
 import argparse
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +131,8 @@ from tqdm import tqdm
 
 import dit
 import dynamics
-from dataset import FrameStore, WindowDataset, open_frames, require_size, spread_frames
+from dataset import FrameStore, WindowDataset, action_effect, effect_classes, open_frames, require_size, \
+    spread_frames
 from generate import CFG_SCALE, encode_clips, inferred_actions, load_world
 from lam import LatentActionModel
 from utils import UserError, add_precision_flag, atomic_path, atomic_write_text, autocast, from_uint8, get_device, \
@@ -190,31 +190,6 @@ def normalised_mutual_information(x, y):
     hx, hy = entropy(joint.sum(1)), entropy(joint.sum(0))
     mutual = hx + hy - entropy(joint.ravel())
     return 2 * mutual / (hx + hy) if hx + hy > 0 else 0.0
-
-
-def action_effect(name, source):
-    """What a game action does on screen, read from its name -> (horizontal direction, effect class name).
-
-    procgen (source 'procgen:...'): left/none/right x jump or not: 'LEFT+UP' -> ('left', 'left + jump'); DOWN and the
-    letter keys change nothing a player of most procgen games sees, so they count as none.
-    ALE: the directions and fire in the name: 'UPRIGHTFIRE' -> ('right', 'up + right + fire')."""
-    parts = set(re.findall(r"LEFT|RIGHT|UP|DOWN|FIRE", name))
-    horizontal = "left" if "LEFT" in parts else "right" if "RIGHT" in parts else "none"
-    if source.startswith("procgen:"):
-        words = ["jump"] if "UP" in parts else []
-        words = ([horizontal] if horizontal != "none" else []) + words
-    else:
-        words = [w.lower() for w in ("UP", "DOWN", "LEFT", "RIGHT", "FIRE") if w in parts]
-    return horizontal, " + ".join(words) or "none"
-
-
-def effect_classes(names, source):
-    """The effect classes of a game's actions named `names` -> (class names in order of first appearance, each
-    action's class (A,), each action's horizontal direction (A,): 0 left, 1 none, 2 right)."""
-    effects = [action_effect(n, source) for n in names]
-    classes = list(dict.fromkeys(e for _, e in effects))
-    return (classes, np.array([classes.index(e) for _, e in effects]),
-            np.array([("left", "none", "right").index(h) for h, _ in effects]))
 
 
 def mapping_accuracy(latent, labels):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import dit
-from dataset import open_frames, require_size, split_episodes
+from dataset import action_effect, open_frames, require_size, split_episodes
 from dynamics import CFG_SCALE as GENIE_CFG_SCALE, Dynamics, Sampler
 from generate import CFG_SCALE, compile_world, decode_frame, load_world, model_folder
 from utils import (UserError, add_step_compile_flag, autocast, compile_step, from_uint8, get_device, load_model,
@@ -198,14 +198,14 @@ def load_any_world(models, device, options):
                     f"dit/ and lam/ (train_vae.py, train_lam.py, train_dit.py --lam)")
 
 
-# What each key of the page asks for, in order of preference: an effect name of evaluate.action_effect, or a word of one.
+# What each key of the page asks for, in order of preference: an effect name of dataset.action_effect, or a word of one.
 KEY_EFFECTS = {"ArrowLeft": ["left"], "ArrowRight": ["right"], "ArrowUp": ["jump", "up"], " ": ["jump", "fire"],
                "ArrowDown": ["down", "none"]}
 
 
 def world_meaning(models, config, controls="latent"):
     """What each action of a world does: for one trained on the game's true actions, what its name says
-    (evaluate.action_effect), with the name; for a latent world, read_meaning, or with controls "game" the keys
+    (dataset.action_effect), with the name; for a latent world, read_meaning, or with controls "game" the keys
     evaluate.py genie fitted from labelled transitions (MODELS/controls.json)."""
     if config.actions != "true" and controls == "game":
         meaning = read_meaning(models, "controls.json")
@@ -215,7 +215,6 @@ def world_meaning(models, config, controls="latent"):
         return meaning
     if config.actions != "true":
         return read_meaning(models)
-    from evaluate import action_effect
     return [dict(action=a, effect=action_effect(name, config.game)[1], share=1.0, name=name)
             for a, name in enumerate(config.action_names)]
 

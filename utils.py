@@ -170,6 +170,23 @@ def build(cls, config):
 
 # ----------------------------------------------------------------------------- device and seeds
 
+def box_weights(rows, cols, box, weight, unit):
+    """(rows, cols) weights of mean 1: `weight` inside box = [top, left, bottom, right] (in `unit`s of the grid, bottom
+    and right exclusive), 1 elsewhere; all 1 with no box. A bad box or weight is a ValueError (build makes it a user's
+    error)."""
+    weights = torch.ones(rows, cols)
+    if box:
+        if (len(box) != 4 or not all(isinstance(v, int) for v in box)
+                or not 0 <= box[0] < box[2] <= rows or not 0 <= box[1] < box[3] <= cols):
+            raise ValueError(f"focus takes [top, left, bottom, right], {unit} of the {rows}x{cols} grid with top < "
+                             f"bottom and left < right, not {box}")
+        if not weight > 0:
+            raise ValueError(f"focus_weight must be positive, not {weight}")
+        top, left, bottom, right = box
+        weights[top:bottom, left:right] = weight
+    return weights / weights.mean()
+
+
 def nvidia_driver():
     """What nvidia-smi says of the machine's NVIDIA driver, in a few words (to set beside torch's CUDA version)."""
     try:

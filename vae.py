@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from huggingface_hub import PyTorchModelHubMixin
 
+from utils import box_weights
+
 
 @dataclass
 class TokenizerConfig:
@@ -49,6 +51,14 @@ class TokenizerConfig:
     @property
     def grid(self):  # side of the token grid
         return self.image_size // 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def focus_tokens(self):  # the tokens whose pixels the focus touches, [top, left, bottom, right]; [] with no focus
+        if not self.focus:
+            return []
+        scale = self.image_size // self.grid
+        top, left, bottom, right = self.focus
+        return [top // scale, left // scale, -(-bottom // scale), -(-right // scale)]
 
 
 PRESETS = {
@@ -178,7 +188,8 @@ class Tokenizer(nn.Module, PyTorchModelHubMixin):
         self.encoder = encoder(config)
         self.decoder = decoder(config)
         self.vq = VectorQuantizer(config.num_codes, config.code_dim, config.commitment, config.dead_after)
-        self.register_buffer("pixel_weight", pixel_weights(config), persistent=False)
+        self.register_buffer("pixel_weight", box_weights(config.image_size, config.image_size, config.focus,
+                                                         config.focus_weight, "pixels"), persistent=False)
 
     @torch.no_grad()
     def encode(self, frames):  # (b, 3, H, W) -> indices (b, h, w) int64; never restarts codes
@@ -198,19 +209,3 @@ class Tokenizer(nn.Module, PyTorchModelHubMixin):
         recon_loss = F.mse_loss(recon, frames)  # logged unweighted, so that runs with and without a focus compare
         loss = ((recon - frames) ** 2 * self.pixel_weight).mean() if self.config.focus else recon_loss
         return loss + vq_loss, {"recon": recon_loss.detach(), "vq": vq_loss.detach(), **stats}
-
-
-def pixel_weights(config):
-    """(H, W) weight of each pixel's reconstruction error, of mean 1: focus_weight inside config.focus, 1 elsewhere."""
-    weight = torch.ones(config.image_size, config.image_size)
-    if config.focus:
-        if (len(config.focus) != 4 or not all(isinstance(v, int) for v in config.focus)
-                or not 0 <= config.focus[0] < config.focus[2] <= config.image_size
-                or not 0 <= config.focus[1] < config.focus[3] <= config.image_size):
-            raise ValueError(f"focus takes [top, left, bottom, right], pixels of the {config.image_size}x"
-                             f"{config.image_size} frame with top < bottom and left < right, not {config.focus}")
-        if not config.focus_weight > 0:
-            raise ValueError(f"focus_weight must be positive, not {config.focus_weight}")
-        top, left, bottom, right = config.focus
-        weight[top:bottom, left:right] = config.focus_weight
-    return weight / weight.mean()

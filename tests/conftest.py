@@ -1,5 +1,6 @@
 """Shared fixtures: real CoinRun frames collected once per test session, a real OpenCV-written video, and a helper
 that runs the project's scripts as the user would (a subprocess, exit code and stderr checked)."""
+import json
 import os
 import shutil
 import subprocess
@@ -126,9 +127,12 @@ def steerable_world(diffusion_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def true_genie(genie, tmp_path_factory):
-    """The genie fixture's tokenizer with a dynamics trained 20 steps on the store's true actions."""
+    """The genie fixture's tokenizer, given a focus on the player (CoinRun's box, which only its training weighs), with
+    a dynamics trained 20 steps on the store's true actions."""
     models = tmp_path_factory.mktemp("true_genie") / "models"
     shutil.copytree(genie / "models" / "tokenizer", models / "tokenizer")
+    config = json.loads((models / "tokenizer" / "config.json").read_text())
+    (models / "tokenizer" / "config.json").write_text(json.dumps({**config, "focus": [28, 20, 44, 44]}))
     result = run("train_genie.py", "--phase", "dynamics", "--actions", "true", "--preset", "tiny", "--steps", 20,
                  "--batch_size", 8, "--data", genie / "coinrun", "--out", models, "--num_workers", 0, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,6 @@
 """The game collectors and the window datasets, on real procgen and ALE frames."""
+import shutil
+
 import numpy as np
 import torch
 
@@ -41,6 +43,26 @@ def test_windows_never_cross_an_episode_and_carry_aligned_actions(coinrun):
     assert torch.equal(item["actions"], torch.from_numpy(np.array(store.actions[s:s + 8])))
     # Every possible window is there: one per position with 7 frames of its episode after it.
     assert len(dataset) == sum(max(0, e - b - 7) for b, e in store.episodes())
+
+
+def test_turns_reverse_the_horizontal_action_and_windows_holding_one_are_drawn_more_often(coinrun, tmp_path):
+    shutil.copytree(coinrun, tmp_path / "store")
+    names, second = FrameStore(coinrun).action_names, FrameStore(coinrun).episode_starts[1]
+    planted = {3: "RIGHT", 5: "UP", 6: "LEFT+UP", 7: "LEFT", 9: "RIGHT+DOWN", second - 1: "LEFT",
+               second: "RIGHT", second + 2: "LEFT"}  # the first horizontal action of an episode turns nothing
+    actions = np.full(600, names.index("NOOP"))
+    actions[list(planted)] = [names.index(n) for n in planted.values()]
+    np.save(tmp_path / "store" / "actions.npy", actions)
+    store = FrameStore(tmp_path / "store")
+    assert np.flatnonzero(store.turns()).tolist() == [6, 9, second - 1, second + 2]
+
+    windows = WindowDataset(store, seq_len=3, split="all")
+    plain = windows.starts.copy()
+    windows.oversample(store.turns(), 4)
+    drawn = dict(zip(*np.unique(windows.starts, return_counts=True)))
+    assert set(drawn) == set(plain)  # no new windows, so none crosses an episode
+    assert sorted(s for s, n in drawn.items() if n == 4) == [5, 6, 8, 9, second + 1, second + 2]
+    assert set(drawn.values()) == {1, 4} and len(windows) == len(plain) + 3 * 6
 
 
 def test_held_out_split_is_by_level(coinrun):

@@ -23,6 +23,8 @@ def test_the_model_folders_record_the_game_and_its_actions(true_genie, true_dit)
     for model in (load_model(Dynamics, true_genie / "dynamics"), load_model(DiT, true_dit / "dit")):
         c = model.config
         assert (c.actions, c.action_names, c.game, c.num_actions) == ("true", PROCGEN_ACTIONS, "procgen:coinrun", 15)
+    # the tokens of the tokenizer's focus, weighed by the preset's focus_weight
+    assert load_model(Dynamics, true_genie / "dynamics").config.focus == [7, 5, 11, 11]
 
 
 @torch.no_grad()

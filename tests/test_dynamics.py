@@ -1,5 +1,8 @@
 """MaskGIT dynamics: shapes, causality, action dropout and guidance, cached decoding equal to recomputing the whole
 context, and an action effect planted in synthetic tokens learned in a short run."""
+import dataclasses
+import re
+
 import pytest
 import torch
 
@@ -36,6 +39,35 @@ def test_later_frames_do_not_change_earlier_logits():
     actions[:, 2] = (actions[:, 2] + 1) % 8
     out2 = model.head(model.hidden(tokens, model.frame_conditions(actions)))
     assert torch.allclose(out[:, :3], out2[:, :3], atol=1e-5) and not torch.allclose(out[:, 3], out2[:, 3])
+
+
+def test_the_focus_weighs_the_loss_of_its_tokens_and_the_logged_loss_stays_plain():
+    tokens, actions = torch.randint(0, 1024, (2, 4, 16, 16)), torch.randint(0, 8, (2, 3))
+    logged = []
+    for focus in ([], [7, 5, 11, 11]):
+        torch.manual_seed(0)
+        model = Dynamics(dataclasses.replace(PRESETS["tiny"], focus=focus, focus_weight=20.0))
+        logits = {}
+        model.head.register_forward_hook(lambda module, inputs, output: logits.update(out=output))
+        torch.manual_seed(1)  # the same masks and dropped actions for both
+        loss, logs = model(tokens, actions)
+        logged.append(logs["ce"])
+        # Each masked token's gradient on its logits, over that of the plain sum of cross-entropies: its weight.
+        ce = torch.nn.functional.cross_entropy(logits["out"].flatten(0, 2), tokens[:, 1:].flatten(), reduction="none")
+        weighted, plain = (torch.autograd.grad(x, logits["out"])[0].norm(dim=-1) for x in (loss, ce.sum()))
+        weight = (weighted / plain).view(2, 3, 16, 16)
+        inside = torch.zeros(16, 16, dtype=torch.bool)
+        inside[7:11, 5:11] = bool(focus)
+        masked = weight > 0
+        if focus:
+            torch.testing.assert_close(weight[masked & inside].mean() / weight[masked & ~inside].mean(),
+                                       torch.tensor(20.0))
+        else:
+            torch.testing.assert_close(loss, logs["ce"])
+            assert weight[masked].std() < 1e-4
+    torch.testing.assert_close(logged[0], logged[1])  # the logged loss is the plain one, with or without a focus
+    with pytest.raises(ValueError, match=re.escape("focus takes [top, left, bottom, right], tokens")):
+        Dynamics(dataclasses.replace(PRESETS["tiny"], focus=[7, 5, 17, 11]))
 
 
 def test_dropped_actions_train_the_no_action_path():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_user_error, run
-from dataset import FrameStore, FrameWriter, TokenStore, WindowDataset, model_id, write_meta
+from dataset import FrameStore, FrameWriter, TokenStore, WindowDataset, action_effect, model_id, write_meta
 from dynamics import CFG_SCALE
-from evaluate import action_effect, lam_decoder_errors, lam_decoder_figures, lam_rollout, latent_action_figures, \
+from evaluate import lam_decoder_errors, lam_decoder_figures, lam_rollout, latent_action_figures, \
     linear_probe
 from lam import LAMConfig, LatentActionModel
 from play import default_keymap
