@@ -12,9 +12,10 @@ the grid stays 11 x 20 and the bottom row's tokens are ordinary tokens of the tr
 Encoder: patch embedding -> non-causal ViT blocks (transformer.Attention: QK-norm, SDPA, 2-D RoPE over the grid) ->
 per-patch posterior mean and log-variance. Decoder: latent -> ViT blocks (twice as many: decoding is the harder half)
 -> per-patch pixels -> a small residual conv refinement across patch borders (hides the seams) -> tanh.
-Loss: pixel MSE + beta * KL (mean over latent numbers) + optional frame-difference MSE between consecutive frames.
+Loss: pixel MSE (weighted towards the player's box with a focus) + beta * KL (mean over latent numbers) + optional
+frame-difference MSE between consecutive frames.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from transformer import Attention, grid_angles, init_linears
+from utils import box_weights
 
 
 @dataclass
@@ -37,6 +39,10 @@ class VAEConfig:
     decoder_depth: int = 12
     mlp_ratio: float = 4.0
     refine_channels: int = 64   # width of the conv refinement after un-patchifying
+    # Where the player sits, for a game whose camera keeps it at one place: [top, left, bottom, right] in pixels, whose
+    # reconstruction error weighs focus_weight times the rest's (as the Genie tokenizer's focus, vae.TokenizerConfig).
+    focus: list = field(default_factory=list)
+    focus_weight: float = 1.0
 
     @property
     def rows(self):  # the last patch row also takes the height % patch rows left over
@@ -101,6 +107,8 @@ class ViTVAE(nn.Module, PyTorchModelHubMixin):
         r = c.refine_channels
         self.refine = nn.Sequential(nn.Conv2d(3, r, 3, padding=1), nn.SiLU(), nn.Conv2d(r, r, 3, padding=1), nn.SiLU(),
                                     nn.Conv2d(r, 3, 3, padding=1))
+        self.register_buffer("pixel_weight", box_weights(c.height, c.width, c.focus, c.focus_weight, "pixels"),
+                             persistent=False)  # (H, W)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -156,10 +164,11 @@ class ViTVAE(nn.Module, PyTorchModelHubMixin):
         mu, logvar = self.encode(x)  # (BT, N, L)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         recon = self.decode(z)  # (BT, 3, H, W)
-        mse = F.mse_loss(recon.float(), x.float())
+        mse = F.mse_loss(recon.float(), x.float())  # logged unweighted, so that runs with and without a focus compare
         mu, logvar = mu.float(), logvar.float()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = mse + beta * kl
+        loss = ((recon.float() - x.float()) ** 2 * self.pixel_weight).mean() if self.config.focus else mse
+        loss = loss + beta * kl
         # PSNR of the batch's mean error, on [0, 1] images (the [-1, 1] range doubles the error, hence 4 / mse);
         # the std of mu is what the DiT's latent scale will undo, so its drift is worth watching
         # (all tensors: reading them would make the host wait for the GPU; train_loop reads them when it logs)
