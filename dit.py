@@ -48,6 +48,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from transformer import STTransformer
+from utils import box_weights
 
 
 @dataclass
@@ -68,6 +69,10 @@ class DiTConfig:
     action_names: list = field(default_factory=list)  # with true actions, the game's name of each (its store's)
     game: str = ""            # with true actions, the store's source, e.g. procgen:coinrun
     residual: bool = False    # predict the clean frame as the previous one + the output (module docstring)
+    # The latent patches where the player sits, [top, left, bottom, right] (train_dit.py copies the VAE's focus), whose
+    # error weighs focus_weight times the rest's, as the Genie dynamics' focus.
+    focus: list = field(default_factory=list)
+    focus_weight: float = 1.0
 
 
 PRESETS = {
@@ -118,6 +123,8 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         nn.init.normal_(self.time_embed[2].weight, std=0.02)
         nn.init.zeros_(self.out.weight)  # the model starts by predicting zero velocity
         nn.init.zeros_(self.out.bias)
+        self.register_buffer("patch_weight", box_weights(config.rows, config.cols, config.focus, config.focus_weight,
+                                                         "patches").flatten(), persistent=False)  # (N,)
 
     def velocity(self, x, t, cache=None, actions=None, previous=None):
         """x (B, T, N, C) at flow times t (B, T) -> predicted velocity (B, T, N, C). actions (B, T) int64: the latent
@@ -172,9 +179,10 @@ class DiT(nn.Module, PyTorchModelHubMixin):
         xt = (1 - t[..., None, None]) * x0 + t[..., None, None] * x1
         v = self.velocity(xt, t, actions=actions, previous=previous).float()
         if self.config.residual:  # the error of x_1' = x_t + (1 - t) v: the clean frame the model predicts
-            error = (xt.float() + (1 - t).clamp_min(0.05)[..., None, None] * v - x1.float()).pow(2).mean(dim=(2, 3))
+            error = (xt.float() + (1 - t).clamp_min(0.05)[..., None, None] * v - x1.float()).pow(2)
         else:
-            error = (v - (x1 - x0).float()).pow(2).mean(dim=(2, 3))  # (B, T)
+            error = (v - (x1 - x0).float()).pow(2)  # (B, T, N, C)
+        error = (error.mean(3) * self.patch_weight).mean(2) if self.config.focus else error.mean(dim=(2, 3))  # (B, T)
         frame_weight = x1.new_ones(b, t_len) if frame_weight is None else frame_weight
         loss = (error * frame_weight).sum() / frame_weight.sum()
         return loss, {"flow": loss.detach()}

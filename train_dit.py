@@ -15,7 +15,10 @@ losses in logs/dit.json beside it; every --sample_every steps a continuation of 
 With --lam (a latent action model from train_lam.py) the DiT learns to follow latent actions: the LAM labels every
 transition of the store once (dataset.open_latent_actions, again only when its weights change), and each frame is
 conditioned on the action that led to it, dropped for --set action_dropout of the frames (default 0.1) so that the
-same model also runs unconditioned, for classifier-free guidance. Without --lam the DiT is unconditioned.
+same model also runs unconditioned, for classifier-free guidance. Without --lam the DiT is unconditioned. With
+--actions true it follows the game's own actions from the store instead, and --oversample_turns draws the clips where
+the player turns round more often. A VAE trained with a focus on the player passes it on: the DiT weighs the error
+of those patches --set focus_weight times the rest's.
 
 Kill it at any time (Ctrl-C and SIGTERM save a training state first): rerunning the same command continues from the
 last state in checkpoints/ beside --out and ends with the same weights as an uninterrupted run (see training.py).
@@ -84,6 +87,9 @@ def main():
                              "nothing: an unconditioned DiT); true, the game's own actions recorded in the store "
                              "(procgen, ALE: download.py), so that the world plays with the game's keys "
                              "(default latent)")
+    parser.add_argument("--oversample_turns", type=positive(int), default=1,
+                        help="with --actions true: draw the clips where the player turns round (a left after a right "
+                             "or the reverse) this many times as often as the others (default 1)")
     parser.add_argument("--lam", help="a latent action model folder (train_lam.py) whose actions the DiT learns to "
                                       "follow (default: none, an unconditioned DiT)")
     parser.add_argument("--lam_seq_len", type=positive(int), default=4,
@@ -105,7 +111,8 @@ def main():
     latents = rank_zero_first(lambda: open_latents(args.data, args.vae, device))
     # the latent grid is the VAE's; --seq_len, when given, overrides the preset's
     config = dataclasses.replace(config, rows=vae.config.rows, cols=vae.config.cols, latent_dim=vae.config.latent_dim,
-                                 latent_scale=float(latents.scale), seq_len=args.seq_len or config.seq_len)
+                                 latent_scale=float(latents.scale), seq_len=args.seq_len or config.seq_len,
+                                 focus=vae.config.focus_patches)
     if args.actions == "true":
         if args.lam:
             raise UserError("--actions true conditions on the store's true actions: leave out --lam")
@@ -123,6 +130,8 @@ def main():
     if not 0 <= args.context_forcing < config.seq_len - 1:
         raise UserError(f"--context_forcing must be in [0, {config.seq_len - 2}] for --seq_len {config.seq_len}")
     dataset = WindowDataset(latents, config.seq_len)
+    if args.actions == "true":
+        dataset.oversample(latents.turns(), args.oversample_turns)
     frames = FrameStore(latents.meta["frames"]) if Path(latents.meta["frames"]).is_dir() else None
     if frames is None:
         print(f"no sample videos: the frame store {latents.meta['frames']} behind the latents is gone")

@@ -57,6 +57,14 @@ class VAEConfig:
         return self.rows * self.cols
 
     @property
+    def focus_patches(self):  # the patches the focus touches, [top, left, bottom, right]; [] with no focus
+        if not self.focus:
+            return []
+        top, left, bottom, right = self.focus
+        row = lambda y: min(y // self.patch, self.rows - 1)  # the bottom row also takes the rows left over
+        return [row(top), left // self.patch, row(bottom - 1) + 1, -(-right // self.patch)]
+
+    @property
     def bottom(self):  # height of the bottom patch row
         return self.patch + self.height % self.patch
 

@@ -141,11 +141,12 @@ def true_genie(genie, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def true_dit(diffusion_data, tmp_path_factory):
-    """A models folder with the diffusion fixture's VAE and a DiT trained 6 steps on the store's true actions."""
+    """A models folder with the diffusion fixture's VAE and a DiT trained 6 steps on the store's true actions, the
+    clips with a turn drawn 4x."""
     models = tmp_path_factory.mktemp("true_dit") / "models"
     shutil.copytree(diffusion_data["vae"], models / "vae2")
     result = run("train_dit.py", diffusion_data["latents"], "--vae", models / "vae2", "--actions", "true", "--preset",
-                 "tiny", "--steps", 6, "--batch_size", 2, "--seq_len", 6, "--num_workers", 0, "--out", models / "dit",
-                 "--samples", models.parent / "sample.mp4", timeout=600)
+                 "tiny", "--steps", 6, "--batch_size", 2, "--seq_len", 6, "--oversample_turns", 4, "--num_workers", 0,
+                 "--out", models / "dit", "--samples", models.parent / "sample.mp4", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return models

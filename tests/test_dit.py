@@ -107,6 +107,26 @@ def test_training_options_give_gradients():
         assert all(p.grad is not None for p in model.parameters())
 
 
+def test_the_focus_weighs_the_error_of_its_patches():
+    """With the same weights, noise and flow times, the loss's gradient on each predicted velocity is focus_weight
+    times larger inside the focus than outside it, and with no focus every patch weighs the same."""
+    x = torch.randn(2, 3, 220, 48)
+    grads = []
+    for focus in ([], [4, 6, 8, 14]):
+        torch.manual_seed(0)
+        model = DiT(dataclasses.replace(PRESETS["tiny"], focus=focus, focus_weight=20.0))
+        velocity = {}
+        model.out.register_forward_hook(lambda module, inputs, output: velocity.update(out=output))
+        torch.manual_seed(1)
+        loss, _ = model(x)
+        grads.append(torch.autograd.grad(loss, velocity["out"])[0].abs().sum(dim=(0, 1, 3)).view(11, 20))  # (rows, cols)
+    ratio = grads[1] / grads[0]
+    inside = torch.zeros(11, 20, dtype=torch.bool)
+    inside[4:8, 6:14] = True
+    torch.testing.assert_close(ratio[inside] / ratio[~inside].mean(), torch.full((32,), 20.0))
+    torch.testing.assert_close(ratio[~inside], ratio[~inside].mean().expand(188))
+
+
 def test_overfits_real_latents(diffusion_data):
     """One real clip of latents, 100 Adam steps: the flow-matching loss falls by more than 3x (measured FACTOR)."""
     store = LatentStore(diffusion_data["latents"])

@@ -110,6 +110,9 @@ def test_focus_spends_the_reconstruction_on_the_players_pixels(diffusion_data):
     assert errors[True] < 0.9 * errors[False], errors
     with pytest.raises(ValueError, match="focus takes"):
         ViTVAE(replace(PRESETS["tiny"], focus=[79, 100, 124, 330]))
+    # the DiT weighs the patches the box touches; the bottom patch row also holds the 4 rows 16 does not divide
+    assert VAEConfig(focus=[79, 100, 124, 220]).focus_patches == [4, 6, 8, 14]
+    assert VAEConfig(focus=[170, 0, 180, 17]).focus_patches == [10, 0, 11, 2] and VAEConfig().focus_patches == []
 
 
 def test_model_folder_reloads_with_no_flags(diffusion_data, tmp_path):
